@@ -1,0 +1,32 @@
+"""vcluster: clusters of virtual machines inside batch jobs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vcluster",
+    version="0.1.0",
+    description="Private clusters of virtual machines inside SLURM jobs",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vcluster", "vcluster.*"]),
+    package_data={"vcluster": ["py.typed", "images/recipes/*.yaml", "images/recipes/*/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "click>=8.1",
+        "pyyaml>=6.0",
+        "pycdlib>=1.14",
+        "etcd-sdk-python>=0.0.7",
+        "protobuf>=4",
+        "grpcio>=1.60",
+        "qemu.qmp>=0.0.3",
+        "pyroute2>=0.7",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "mypy>=1.10", "ruff>=0.5", "types-PyYAML", "types-protobuf"],
+    },
+    entry_points={
+        "console_scripts": [
+            "vcluster = vcluster.cli.main:main",
+            "vcluster-agent = vcluster.agent.main:main",
+        ],
+    },
+)

@@ -1,0 +1,88 @@
+"""The ``vcluster`` command: a lazy click group.
+
+Subcommands live in their own modules and are imported only when invoked (or
+listed by ``--help``), so ``vcluster --help`` stays fast.  This is the one place
+where a VclusterError becomes a message and an exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from vcluster import __version__
+from vcluster.errors import VclusterError
+
+# name -> "module:attribute"; modules are imported on first use.
+COMMANDS: dict[str, str] = {
+    "check": "vcluster.cli.template:check",
+    "image": "vcluster.cli.image:image",
+    "sandbox": "vcluster.cli.sandbox:sandbox",
+    "template": "vcluster.cli.template:template",
+}
+
+log = logging.getLogger("vcluster")
+
+
+class UserError(click.ClickException):
+    """A VclusterError on its way to the terminal."""
+
+    def __init__(self, error: VclusterError) -> None:
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"vcluster: error: {self.message}", err=True)
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on demand from ``lazy`` specs."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module_name, attr = self.lazy[cmd_name].split(":")
+            command = getattr(importlib.import_module(module_name), attr)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VclusterError as e:
+            log.debug("error details", exc_info=True)
+            raise UserError(e) from e
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="vcluster")
+@click.option("-v", "--verbose", count=True, help="Show more detail (-vv: debug, with tracebacks).")
+def cli(verbose: int) -> None:
+    """Private clusters of virtual machines inside SLURM jobs.
+
+    Templates describe VMs; a cluster definition such as debian:4,tiny:2
+    names templates and counts. Configuration is read from /etc/vcluster
+    (or $VCLUSTER_CONF) and ~/.vcluster (or $VCLUSTER_HOME).
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="vcluster: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def main() -> NoReturn:
+    cli.main(prog_name="vcluster")
+    raise SystemExit(0)  # pragma: no cover - click.main exits itself
+
+
+if __name__ == "__main__":
+    main()

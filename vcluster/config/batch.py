@@ -1,0 +1,127 @@
+"""``batch.yaml``: batch backend, state store, directories and QEMU settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vcluster.config.fields import Section
+from vcluster.config.source import Node
+from vcluster.errors import ConfigError
+
+BACKENDS = ("slurm", "local")
+STORE_BACKENDS = ("etcd", "embedded")
+ACCELERATORS = ("auto", "kvm", "tcg")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How to reach the state store."""
+
+    backend: str = "etcd"
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = "/vcluster"
+    ca_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
+    timeout: float = 5.0
+    embedded_path: Path | None = None
+
+    def password(self) -> str | None:
+        """Read the password file (kept out of this config, which users can read)."""
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(None, "store.password-file",
+                              f"cannot read {self.password_file}: {e.strerror}") from e
+
+
+@dataclass(frozen=True)
+class Directories:
+    """Where vcluster keeps things on every host."""
+
+    state: Path = Path("/var/lib/vcluster")
+    run: Path = Path("/run/vcluster")
+    images: Path = Path("/var/lib/vcluster/images")
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    binary: str = "qemu-system-x86_64"
+    accel: str = "auto"
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    backend: str = "slurm"
+    store: StoreConfig = field(default_factory=StoreConfig)
+    directories: Directories = field(default_factory=Directories)
+    qemu: QemuConfig = field(default_factory=QemuConfig)
+
+
+def _store(sec: Section, base: Path) -> StoreConfig:
+    default = StoreConfig()
+    endpoints = sec.strings("endpoints", expected="a list of URLs such as https://10.0.0.1:2379")
+    for url in endpoints:
+        if not url.startswith(("http://", "https://")):
+            raise sec.error("endpoints", f"{url!r} is not an http:// or https:// URL",
+                            "a list of URLs such as https://10.0.0.1:2379")
+    prefix = sec.string("prefix", default.prefix)
+    assert prefix is not None
+    if not prefix.startswith("/") or prefix.endswith("/"):
+        raise sec.error("prefix", f"{prefix!r} is not a key prefix",
+                        "a prefix starting with / and not ending with /, such as /vcluster")
+    out = StoreConfig(
+        backend=sec.choice("backend", STORE_BACKENDS, default.backend),
+        endpoints=endpoints or default.endpoints,
+        prefix=prefix,
+        ca_cert=sec.file_path("ca-cert", base),
+        cert=sec.file_path("cert", base),
+        key=sec.file_path("key", base),
+        user=sec.string("user"),
+        password_file=sec.file_path("password-file", base),
+        timeout=sec.number("timeout", default.timeout, minimum=0.1),
+        embedded_path=sec.file_path("embedded-path", base),
+    )
+    sec.done()
+    if (out.cert is None) != (out.key is None):
+        raise sec.error("cert" if out.key is None else "key",
+                        "cert and key go together", "both cert and key, or neither")
+    return out
+
+
+def parse_batch(node: Node | None, path: Path) -> BatchConfig:
+    """Validate a parsed ``batch.yaml`` (``None``: the file is empty or absent)."""
+    if node is None:
+        return BatchConfig()
+    top = Section(node, "")
+    base = path.parent
+    default = BatchConfig()
+    backend = default.backend
+    if (sec := top.section("batch")) is not None:
+        backend = sec.choice("backend", BACKENDS, default.backend)
+        sec.done()
+    store = default.store
+    if (sec := top.section("store")) is not None:
+        store = _store(sec, base)
+    dirs = default.directories
+    if (sec := top.section("directories")) is not None:
+        dirs = Directories(
+            state=sec.file_path("state", base) or dirs.state,
+            run=sec.file_path("run", base) or dirs.run,
+            images=sec.file_path("images", base) or dirs.images,
+        )
+        sec.done()
+    qemu = default.qemu
+    if (sec := top.section("qemu")) is not None:
+        qemu = QemuConfig(
+            binary=sec.string("binary", qemu.binary) or qemu.binary,
+            accel=sec.choice("accel", ACCELERATORS, qemu.accel),
+        )
+        sec.done()
+    top.done()
+    return BatchConfig(backend=backend, store=store, directories=dirs, qemu=qemu)
