@@ -10,7 +10,7 @@ from vcluster.config.source import Node
 from vcluster.errors import ConfigError
 
 BACKENDS = ("slurm", "local")
-STORE_BACKENDS = ("etcd", "embedded")
+STORE_BACKENDS = ("etcd",)  # "embedded" comes with the single-machine mode
 ACCELERATORS = ("auto", "kvm", "tcg")
 
 
