@@ -50,13 +50,12 @@ class ConfigError(InputError):
 class DefinitionError(InputError):
     """A cluster definition (``tpl:N[,tpl2:M]``) is wrong."""
 
-    def __init__(self, definition: str, problem: str) -> None:
+    SYNTAX = "TEMPLATE[:COUNT][,TEMPLATE[:COUNT]...], for example debian:4,tiny:2"
+
+    def __init__(self, definition: str, problem: str, expected: str = SYNTAX) -> None:
         self.definition = definition
         self.problem = problem
-        super().__init__(
-            f"cluster definition {definition!r}: {problem} "
-            "(expected TEMPLATE[:COUNT][,TEMPLATE[:COUNT]...], for example debian:4,tiny:2)"
-        )
+        super().__init__(f"cluster definition {definition!r}: {problem} (expected {expected})")
 
 
 class CommandError(VclusterError):
