@@ -76,7 +76,8 @@ def cli(verbose: int) -> None:
     (or $VCLUSTER_CONF) and ~/.vcluster (or $VCLUSTER_HOME).
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="vcluster: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="vcluster: %(levelname)s: %(message)s",
+                        stream=sys.stderr)
 
 
 def main() -> NoReturn:

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vcluster.errors import ConfigError, Origin
 from vcluster.config.source import Node
+from vcluster.errors import ConfigError, Origin
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -64,7 +64,7 @@ class Section:
     def path(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self.node.value)
 
     def has(self, key: str) -> bool:

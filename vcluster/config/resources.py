@@ -36,7 +36,7 @@ def parse_networks(node: Node | None) -> dict[str, Network]:
         return {}
     top = Section(node, "", "a mapping of network names to network definitions")
     out: dict[str, Network] = {}
-    for name in top.keys():
+    for name in top.names():
         sub = top.raw(name)
         if sub is None:
             raise top.error(name, "empty network definition", "a mapping with at least 'type'")
@@ -49,7 +49,7 @@ def parse_resources(node: Node | None, networks: dict[str, Network]) -> dict[str
         return {}
     top = Section(node, "", "a mapping of resource set names to resource sets")
     out: dict[str, ResourceSet] = {}
-    for name in top.keys():
+    for name in top.names():
         sub = top.raw(name)
         if sub is None:
             raise top.error(name, "empty resource set", "a mapping with 'networks'")

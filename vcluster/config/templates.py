@@ -240,7 +240,7 @@ def parse_templates(node: Node | None, path: Path, level: str) -> dict[str, RawT
         return {}
     top = Section(node, "", "a mapping of template names to templates")
     out: dict[str, RawTemplate] = {}
-    for name in top.keys():
+    for name in top.names():
         if not NAME_RE.match(name):
             raise ConfigError(top.key_origin(name), name, "is not a valid template name",
                               NAME_EXPECTED)

@@ -35,7 +35,7 @@ class NetworkPlugin(Protocol):
 
 
 def plugin(type_name: str) -> NetworkPlugin:
-    module: NetworkPlugin = importlib.import_module(NETWORK_TYPES[type_name])  # type: ignore[assignment]
+    module: NetworkPlugin = importlib.import_module(NETWORK_TYPES[type_name])
     return module
 
 

@@ -10,7 +10,8 @@ from vcluster.config.fields import Section
 def subnet(section: Section, key: str = "subnet", *, smallest_prefix: int = 8,
            largest_prefix: int = 29) -> ipaddress.IPv4Network:
     """An IPv4 network in CIDR form, with room for at least a gateway and a few VMs."""
-    expected = f"an IPv4 network such as 10.200.0.0/24 (prefix /{smallest_prefix} to /{largest_prefix})"
+    expected = (f"an IPv4 network such as 10.200.0.0/24 "
+                f"(prefix /{smallest_prefix} to /{largest_prefix})")
     text = section.string(key, required=True, expected=expected)
     assert text is not None
     try:
