@@ -1,0 +1,26 @@
+"""The state store: where clusters, VMs, hosts and pools are recorded.
+
+``open_store(config)`` returns the Store for ``store:`` in batch.yaml; the
+backend (and its gRPC stack) is imported only when a store is opened, so
+commands that never touch the store stay fast.  The interface and its types
+are in ``vcluster.store.base``, the key layout in ``vcluster.store.keys`` and
+the stored records in ``vcluster.store.records``.
+"""
+
+from __future__ import annotations
+
+from vcluster.config.batch import StoreConfig
+from vcluster.errors import ConfigError
+from vcluster.store.base import Store
+
+
+def open_store(config: StoreConfig) -> Store:
+    """Connect to the configured store (logging in if credentials are set)."""
+    if config.backend == "etcd":
+        from vcluster.store.etcd import EtcdStore
+
+        return EtcdStore(config)
+    raise ConfigError(None, "store.backend", f"{config.backend!r} is not available", "etcd")
+
+
+__all__ = ["Store", "open_store"]
