@@ -1,0 +1,1 @@
+"""VM images: recipes, builders (debootstrap disks, busybox initramfs) and repositories."""

@@ -1,0 +1,131 @@
+"""Where tests find the built images, and a small QEMU harness for boot tests.
+
+Images come from ``$VCLUSTER_TEST_IMAGES`` (default /var/cache/vcluster-test/images),
+built with ``vcluster image build tiny --repo DIR`` and
+``vcluster image build debian --repo DIR``.  A missing image fails the test in
+CI (``CI=true``) and skips it elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vcluster.errors import ImageError
+from vcluster.images.repo import Image, resolve_image
+from vcluster.qemu import VmSpec, build_argv
+from vcluster.run import spawn
+
+IMAGES_ENV = "VCLUSTER_TEST_IMAGES"
+DEFAULT_IMAGES = Path("/var/cache/vcluster-test/images")
+
+
+def images_dir() -> Path:
+    env = os.environ.get(IMAGES_ENV)
+    return Path(env) if env else DEFAULT_IMAGES
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def require_image(name: str) -> Image:
+    """The newest revision of a test image; fail (CI) or skip (locally) when it is missing."""
+    try:
+        return resolve_image(name, [images_dir()])
+    except ImageError as e:
+        message = (f"test image missing: {e} (for the tests: "
+                   f"vcluster image build {name} --repo {images_dir()}; or set {IMAGES_ENV})")
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no serial log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class TestVm:
+    """One QEMU process started from a VmSpec; the serial log is the source of truth."""
+
+    __test__ = False  # not a test class, despite the name
+
+    def __init__(self, spec: VmSpec) -> None:
+        if spec.serial_log is None:
+            raise ValueError("a test VM needs a serial log")
+        self.spec = spec
+        self.log: Path = spec.serial_log
+        self.stderr_path = self.log.with_suffix(".stderr")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conn: socket.socket | None = None
+        self.started = 0.0
+
+    def start(self) -> None:
+        with open(self.stderr_path, "wb") as err:
+            self.proc = spawn(build_argv(self.spec), stderr=err, pass_fds=self.spec.pass_fds())
+        self.started = time.monotonic()
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        """Wait until ``text`` appears on the serial log; returns seconds since start."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log.is_file() and text in self.log.read_text(errors="replace"):
+                return time.monotonic() - self.started
+            if self.proc.poll() is not None:
+                pytest.fail(f"QEMU ({self.spec.name}) exited with status {self.proc.returncode} "
+                            f"before {text!r}:\n{self.stderr_path.read_text(errors='replace')}\n"
+                            f"{tail(self.log)}")
+            time.sleep(0.2)
+        pytest.fail(f"{self.spec.name}: {text!r} not on the serial console after {timeout:g} s; "
+                    f"last lines:\n{tail(self.log)}")
+
+    def send(self, line: str) -> None:
+        """Type a line on the serial console (through its unix socket)."""
+        if self.conn is None:
+            assert self.spec.serial_socket is not None, "no serial socket"
+            self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.conn.connect(str(self.spec.serial_socket))
+        self.conn.sendall(line.encode() + b"\n")
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+
+
+@contextmanager
+def vm_factory(workdir: Path) -> Iterator[list[TestVm]]:
+    """Collects started VMs and kills every one of them (by PID) on the way out."""
+    vms: list[TestVm] = []
+    try:
+        yield vms
+    finally:
+        for vm in vms:
+            vm.stop()
+
+
+def boot(vms: list[TestVm], spec: VmSpec, workdir: Path) -> TestVm:
+    """Start a VM with a serial socket and log in ``workdir`` and register it for cleanup."""
+    spec = replace(spec, serial_log=workdir / f"{spec.name}.log",
+                   serial_socket=workdir / f"{spec.name}.sock")
+    vm = TestVm(spec)
+    vms.append(vm)
+    vm.start()
+    return vm

@@ -1,0 +1,193 @@
+"""Boot the built images for real under QEMU TCG with seeds written by vcluster.seed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support_images import TestVm, boot, require_image, vm_factory
+from vcluster.qemu import Disk, SharedMemory, VmSpec
+from vcluster.run import run
+from vcluster.seed import (
+    GuestSettings,
+    HostEntry,
+    Interface,
+    merge_user_data,
+    meta_data,
+    network_config,
+    required_config,
+    write_seed,
+)
+
+pytestmark = [pytest.mark.qemu, pytest.mark.images]
+
+TINY_TIMEOUT = 30.0
+DEBIAN_TIMEOUT = 150.0
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Short, private paths: unix socket names are limited to 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="vct-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture
+def vms(workdir: Path) -> Iterator[list[TestVm]]:
+    with vm_factory(workdir) as started:
+        yield started
+
+
+def tiny_spec(name: str, seed: Path, **kw: object) -> VmSpec:
+    image = require_image("tiny")
+    assert image.kernel is not None and image.initrd is not None
+    return VmSpec(name=name, accel="tcg", cpu="qemu64", memory=256 << 20, cpus=1,
+                  kernel=image.kernel, initrd=image.initrd, append=image.info.append,
+                  seed=seed, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("interface", ["virtio", "cdrom"])
+def test_tiny_boots_to_its_shell(workdir: Path, vms: list[TestVm], interface: str) -> None:
+    seed = workdir / "seed.iso"
+    write_seed(seed, meta_data=meta_data("tiny-test-0", "tiny-test-0"),
+               user_data="#!/bin/sh\necho user-data ran on $(hostname)\n")
+    vm = boot(vms, tiny_spec("tiny0", seed, seed_interface=interface), workdir)
+    took = vm.wait_for("vcluster-tiny: ready hostname=tiny-test-0", TINY_TIMEOUT)
+    print(f"tiny ({interface} seed) ready after {took:.1f} s")
+    vm.wait_for("user-data ran on tiny-test-0", 1)
+    vm.send("echo $((6 * 7))-from-the-shell")
+    vm.wait_for("42-from-the-shell", 10)
+
+
+NET_CHECK = """#!/bin/sh
+echo "net-check: $(ip -o -4 addr show | grep -v ' lo ' | tr -s ' ' | cut -d' ' -f2,4)"
+ip link add vx0 type vxlan id 42 local 127.0.0.1 dstport 4789 && echo "net-check: vxlan ok"
+ip link add br0 type bridge && echo "net-check: bridge ok"
+"""
+
+
+def test_tiny_applies_network_config_and_has_vxlan(workdir: Path, vms: list[TestVm]) -> None:
+    mac = "52:54:00:0a:0b:0c"
+    seed = workdir / "seed.iso"
+    write_seed(seed, meta_data=meta_data("tiny-net", "tiny-net"), user_data=NET_CHECK,
+               network_config=network_config([Interface(mac, "eth0", ("10.78.0.5/24",))]))
+    # restrict=on: the user-mode NIC sends nothing outside QEMU.
+    spec = tiny_spec("tinynet", seed, extra=("-netdev", "user,id=n0,restrict=on", "-device",
+                                             f"virtio-net-pci,netdev=n0,mac={mac}"))
+    vm = boot(vms, spec, workdir)
+    vm.wait_for("vcluster-tiny: ready hostname=tiny-net", TINY_TIMEOUT)
+    log = vm.log.read_text(errors="replace")
+    assert "net-check: eth0 10.78.0.5/24" in log
+    assert "net-check: vxlan ok" in log and "net-check: bridge ok" in log
+
+
+# A #! user-data script per VM: A writes a marker word into the FAM region, B
+# waits for it, answers at offset 8, and A waits for the answer.
+FAM_A = """#!/bin/sh
+fam write 0 0x76636c31
+echo "fam-a: wrote $(fam read 0)"
+for i in $(seq 600); do
+    v=$(fam read 8)
+    if [ "$v" = 0x62626232 ]; then echo "fam-a: read $v"; exit 0; fi
+    sleep 0.1
+done
+echo "fam-a: timeout"
+"""
+FAM_B = """#!/bin/sh
+for i in $(seq 600); do
+    v=$(fam read 0)
+    if [ "$v" = 0x76636C31 ]; then
+        echo "fam-b: read $v"
+        fam write 8 0x62626232
+        exit 0
+    fi
+    sleep 0.1
+done
+echo "fam-b: timeout"
+"""
+
+
+def test_tiny_fam_is_shared_between_two_vms(workdir: Path, vms: list[TestVm]) -> None:
+    fam = workdir / "fam.bin"
+    size = 1 << 20
+    fam.write_bytes(b"\0" * size)
+    booted = []
+    for name, script in (("tiny-a", FAM_A), ("tiny-b", FAM_B)):
+        seed = workdir / f"{name}.iso"
+        write_seed(seed, meta_data=meta_data(name, name), user_data=script)
+        booted.append(boot(vms, tiny_spec(name, seed, fam=SharedMemory(fam, size)), workdir))
+    a, b = booted
+    b.wait_for("fam-b: read 0x76636C31", 60)
+    a.wait_for("fam-a: read 0x62626232", 60)
+    data = fam.read_bytes()
+    assert struct.unpack_from("<I", data, 0)[0] == 0x76636C31
+    assert struct.unpack_from("<I", data, 8)[0] == 0x62626232
+
+
+def test_debian_boots_with_cloud_init(workdir: Path, vms: list[TestVm]) -> None:
+    image = require_image("debian")
+    assert image.disk is not None and image.kernel is not None and image.initrd is not None
+    overlay = workdir / "vm0.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+         str(image.disk.resolve()), str(overlay)])
+    mac = "52:54:00:12:34:56"
+    settings = GuestSettings(
+        hostname="vcl-deb-0", fqdn="vcl-deb-0.cluster.test",
+        hosts=(HostEntry("10.77.0.10", ("vcl-deb-0",)), HostEntry("10.77.0.11", ("vcl-deb-1",))),
+        ssh_authorized_keys=("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests vcluster-test",),
+        final_message="vcluster-test: cloud-init done after $UPTIME s",
+    )
+    template = {"runcmd": [
+        ["sh", "-c", "echo vcluster-test: hostname=$(hostname) > /dev/ttyS0"],
+        ["sh", "-c", "echo vcluster-test: hosts $(grep vcl-deb-1 /etc/hosts) > /dev/ttyS0"],
+        ["sh", "-c", "echo vcluster-test: addr $(ip -br -4 addr show eth0) > /dev/ttyS0"],
+    ]}
+    seed = workdir / "seed.iso"
+    write_seed(
+        seed,
+        meta_data=meta_data("vcl-deb-0-instance", "vcl-deb-0"),
+        user_data=merge_user_data(template, required_config(settings)),
+        network_config=network_config([Interface(mac=mac, name="eth0",
+                                                 addresses=("10.77.0.10/24",))]),
+    )
+    # An isolated user-mode NIC (restrict=on: no traffic leaves QEMU) so that the
+    # MAC-matched static network-config is applied to a real interface.
+    spec = VmSpec(
+        name="debian0", accel="tcg", cpu="qemu64", memory=1 << 30, cpus=1,
+        kernel=image.kernel, initrd=image.initrd, append=image.info.append,
+        disks=(Disk(overlay),), seed=seed, guest_agent_socket=workdir / "qga.sock",
+        extra=("-netdev", "user,id=n0,restrict=on",
+               "-device", f"virtio-net-pci,netdev=n0,mac={mac}"),
+    )
+    vm = boot(vms, spec, workdir)
+    took = vm.wait_for("vcluster-test: cloud-init done", DEBIAN_TIMEOUT)
+    print(f"debian: cloud-init done after {took:.1f} s")
+    log = vm.log.read_text(errors="replace")
+    assert "vcluster-test: hostname=vcl-deb-0" in log
+    assert "vcluster-test: hosts 10.77.0.11 vcl-deb-1" in log
+    assert "10.77.0.10/24" in log
+    assert guest_agent_answers(workdir / "qga.sock", 30)
+
+
+def guest_agent_answers(path: Path, timeout: float) -> bool:
+    """qemu-guest-agent answers guest-sync on its virtio-serial channel."""
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(path))
+        conn.settimeout(2)
+        while time.monotonic() < deadline:
+            conn.sendall(json.dumps({"execute": "guest-sync", "arguments": {"id": 4242}}).encode())
+            try:
+                reply = conn.recv(4096)
+            except TimeoutError:
+                continue
+            if b'"return": 4242' in reply:
+                return True
+    return False
