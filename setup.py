@@ -1,5 +1,7 @@
 """vcluster: clusters of virtual machines inside batch jobs."""
 
+from glob import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -8,8 +10,12 @@ setup(
     description="Private clusters of virtual machines inside SLURM jobs",
     python_requires=">=3.11",
     packages=find_packages(include=["vcluster", "vcluster.*"]),
-    package_data={"vcluster": ["py.typed", "images/recipes/*.yaml", "images/recipes/*/**/*"]},
-    include_package_data=True,
+    package_data={"vcluster": ["py.typed", "images/recipes/*.yaml", "images/recipes/**/*"]},
+    data_files=[
+        ("share/vcluster/etc/vcluster", glob("etc/vcluster/*.yaml")),
+        ("share/vcluster/slurm", glob("slurm/*")),
+        ("share/vcluster/systemd", glob("systemd/*")),
+    ],
     install_requires=[
         "click>=8.1",
         "pyyaml>=6.0",
