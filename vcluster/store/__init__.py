@@ -14,12 +14,16 @@ from vcluster.errors import ConfigError
 from vcluster.store.base import Store
 
 
-def open_store(config: StoreConfig) -> Store:
-    """Connect to the configured store (logging in if credentials are set)."""
+def open_store(config: StoreConfig, password: str | None = None) -> Store:
+    """Connect to the configured store (logging in if credentials are set).
+
+    ``password`` overrides ``store.password-file`` (credentials handed out by
+    the agent are never written to disk).
+    """
     if config.backend == "etcd":
         from vcluster.store.etcd import EtcdStore
 
-        return EtcdStore(config)
+        return EtcdStore(config, password)
     raise ConfigError(None, "store.backend", f"{config.backend!r} is not available", "etcd")
 
 

@@ -125,10 +125,10 @@ def _entry(kv: Any) -> Entry:
 class EtcdStore(Store):
     """A Store on an etcd v3 cluster, configured by ``store:`` in batch.yaml."""
 
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig, password: str | None = None) -> None:
         self.config = config
-        self._password: str | None = None
-        if config.user is not None:
+        self._password: str | None = password
+        if config.user is not None and password is None:
             self._password = config.password()
             if self._password is None:
                 raise ConfigError(None, "store.password-file",

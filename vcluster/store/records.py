@@ -225,13 +225,15 @@ class VmRecord:
     addresses: tuple[str, ...] = ()
     since: float = 0.0  # when the VM entered this state (seconds since the epoch)
     error: str | None = None
+    console_tail: tuple[str, ...] = ()  # last console lines, published when a VM fails
 
     def __post_init__(self) -> None:
         if (self.state is VmState.FAILED) != (self.error is not None):
             raise ValueError("an error message goes with the failed state, and only with it")
 
     def moved_to(self, state: VmState, since: float, *, error: str | None = None,
-                 host: str | None = None, addresses: tuple[str, ...] | None = None) -> VmRecord:
+                 host: str | None = None, addresses: tuple[str, ...] | None = None,
+                 console_tail: tuple[str, ...] = ()) -> VmRecord:
         """The record after a legal transition (IllegalTransition otherwise)."""
         check_transition(self.state, state)
         return VmRecord(
@@ -240,4 +242,5 @@ class VmRecord:
             addresses=self.addresses if addresses is None else addresses,
             since=since,
             error=error,
+            console_tail=console_tail,
         )

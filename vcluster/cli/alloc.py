@@ -1,0 +1,42 @@
+"""``vcluster alloc``: a virtual cluster in an interactive SLURM allocation."""
+
+from __future__ import annotations
+
+import click
+
+HELP = """Allocate a virtual cluster and run a shell (or -E CMD) next to it.
+
+DEFINITION names templates and counts, e.g. debian-fam:8 or tiny:2,debian.
+Every other option is passed to salloc as it is (-p PARTITION, -t TIME,
+--mem=SIZE, -w NODES, -N NODES, -J NAME, ...); each VM is one SLURM task with
+-c CPUs (its vCPUs, unless the template sets vcpus).
+
+Everything is checked before anything is submitted. Progress is shown per VM
+until all are ready; if one fails, its reason and the last lines of its
+console are printed, the cluster is stopped and alloc exits non-zero. In the
+shell, VCLUSTER_JOB_ID names the cluster for vcluster ps/console; when the
+shell exits the VMs are stopped and alloc exits with the shell's status.
+
+\b
+Examples:
+  vcluster alloc -c 2 tiny-fam:2
+  vcluster alloc -c 4 -p debug -t 30 -E ./run-tests.sh debian:4
+"""
+
+
+@click.command(help=HELP, context_settings={"ignore_unknown_options": True})
+@click.option("-c", "--cpus-per-task", "cpus", type=click.IntRange(1), default=None,
+              help="CPUs per VM (passed to salloc; the VMs' vCPUs by default).")
+@click.option("-E", "--command", default=None, metavar="CMD",
+              help="Run CMD (with $SHELL -c) instead of an interactive shell.")
+@click.option("--stop-timeout", type=click.FloatRange(0), default=90.0, show_default=True,
+              help="Seconds the VMs get to power down at the end.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[SALLOC OPTIONS] DEFINITION")
+@click.pass_context
+def alloc(ctx: click.Context, cpus: int | None, command: str | None, stop_timeout: float,
+          args: tuple[str, ...]) -> None:
+    from vcluster.launch.submit import submit_alloc
+
+    verbose = (ctx.find_root().params.get("verbose") or 0) > 0
+    raise SystemExit(submit_alloc(list(args), cpus=cpus, command=command,
+                                  stop_timeout=stop_timeout, verbose=verbose))

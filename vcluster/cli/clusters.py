@@ -1,0 +1,122 @@
+"""Finding the user's clusters: the shared -j/-J options and the store reads behind them.
+
+A command acting on a running cluster takes ``-j JOBID`` or ``-J JOBNAME``;
+without either it uses ``$VCLUSTER_JOB_ID`` (set inside an alloc shell), and
+failing that the user's only cluster.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from vcluster.cluster import ClusterSpec
+    from vcluster.store.base import Store
+    from vcluster.store.keys import Keys
+    from vcluster.store.records import VmRecord
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cluster_options(f: F) -> F:
+    """``-j/--jobid`` and ``-J/--jobname``, defined once for every command."""
+    f = click.option("-J", "--jobname", default=None, metavar="NAME",
+                     help="The cluster's SLURM job name.")(f)
+    f = click.option("-j", "--jobid", default=None, metavar="JOBID",
+                     help="The cluster's SLURM job id (default: $VCLUSTER_JOB_ID, or your "
+                          "only cluster).")(f)
+    return f
+
+
+@dataclass(frozen=True)
+class Cluster:
+    spec: ClusterSpec
+    vms: dict[int, VmRecord]
+
+
+def read_clusters(store: Store, keys: Keys, user: str) -> list[Cluster]:
+    """Every cluster of ``user`` that has a spec, by job id."""
+    from vcluster.cluster import ClusterSpec
+    from vcluster.store.records import VmRecord, from_json
+
+    specs: dict[str, ClusterSpec] = {}
+    vms: dict[str, dict[int, VmRecord]] = {}
+    prefix = keys.clusters_prefix(user)
+    for entry in store.get_prefix(prefix).entries:
+        job, _, rest = entry.key[len(prefix):].partition("/")
+        if rest == "spec":
+            specs[job] = from_json(ClusterSpec, entry.value)
+        elif rest.startswith("vms/") and rest[4:].isdigit():
+            vms.setdefault(job, {})[int(rest[4:])] = from_json(VmRecord, entry.value)
+    order = sorted(specs, key=lambda j: (len(j), j))
+    return [Cluster(specs[j], vms.get(j, {})) for j in order]
+
+
+def select_cluster(clusters: list[Cluster], jobid: str | None, jobname: str | None) -> Cluster:
+    from vcluster.errors import InputError
+
+    def listing() -> str:
+        return ", ".join(f"{c.spec.job} ({c.spec.name})" for c in clusters) or "none"
+
+    if jobid is None and jobname is None:
+        jobid = os.environ.get("VCLUSTER_JOB_ID") or None
+    if jobid is not None:
+        for c in clusters:
+            if c.spec.job == jobid:
+                return c
+        raise InputError(f"-j {jobid}: you have no cluster in job {jobid} "
+                         f"(expected one of: {listing()})")
+    if jobname is not None:
+        named = [c for c in clusters if c.spec.name == jobname]
+        if len(named) == 1:
+            return named[0]
+        problem = "no cluster has" if not named else f"{len(named)} clusters have"
+        raise InputError(f"-J {jobname}: {problem} that job name (expected one of: "
+                         f"{listing()}; use -j JOBID)")
+    if len(clusters) == 1:
+        return clusters[0]
+    if not clusters:
+        raise InputError("you have no running cluster (start one with vcluster alloc)")
+    raise InputError(f"you have {len(clusters)} clusters: say which with -j JOBID or "
+                     f"-J NAME (expected one of: {listing()})")
+
+
+def with_store(ctx: click.Context) -> tuple[Store, Keys, str]:
+    """The user's store session, closed when the command ends."""
+    from vcluster.cli.common import load_config
+    from vcluster.store.keys import Keys
+    from vcluster.store.session import open_user_store
+
+    config = load_config()
+    store = ctx.with_resource(_closing(open_user_store(config.batch)))
+    return store, Keys(config.batch.store.prefix), getpass.getuser()
+
+
+class _closing:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> Store:
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+
+def vm_index(text: str, cluster: Cluster) -> int:
+    """``vm3`` or ``3`` → 3, checked against the cluster."""
+    from vcluster.errors import InputError
+
+    digits = text[2:] if text.startswith("vm") else text
+    count = len(cluster.spec.plan.vms)
+    if not digits.isdigit() or int(digits) >= count:
+        raise InputError(f"{text!r}: no such VM in job {cluster.spec.job} "
+                         f"(expected vm0 to vm{count - 1})")
+    return int(digits)
+

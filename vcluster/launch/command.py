@@ -1,0 +1,44 @@
+"""``vcluster internal launcher``: what ``vcluster alloc`` runs inside salloc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path),
+              help="The cluster plan written by vcluster alloc (read, then deleted).")
+@click.option("-E", "--command", default=None, help="Run CMD instead of an interactive shell.")
+@click.option("--stop-timeout", default=90.0, show_default=True,
+              help="Seconds the VMs get to power down before they are killed.")
+@click.option("--verbose", is_flag=True, help="Show the VM runners' output as it comes.")
+def launcher(plan_path: Path, command: str | None, stop_timeout: float, verbose: bool) -> None:
+    """Record the cluster in the store, start one VM runner per VM with srun, show
+    their progress until all are ready (or one fails), then run the user's shell
+    or command with VCLUSTER_JOB_ID set; stop the VMs when it exits and exit
+    with its status."""
+    from vcluster.cli.common import load_config
+    from vcluster.cluster import ClusterPlan
+    from vcluster.errors import InputError
+    from vcluster.launch.launcher import Launcher, LaunchOptions
+    from vcluster.launch.steps import job_environment
+    from vcluster.store.records import from_json
+    from vcluster.store.session import open_user_store
+
+    try:
+        text = plan_path.read_text()
+    except OSError as e:
+        raise InputError(f"--plan {plan_path}: cannot read: {e.strerror}") from e
+    plan_path.unlink(missing_ok=True)
+    plan = from_json(ClusterPlan, text)
+    job, name = job_environment()
+    config = load_config()
+    store = open_user_store(config.batch)
+    try:
+        options = LaunchOptions(command=command, stop_timeout=stop_timeout, verbose=verbose)
+        code = Launcher(config, plan, store, job=job, job_name=name, options=options).run()
+    finally:
+        store.close()
+    raise SystemExit(code)

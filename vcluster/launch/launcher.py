@@ -1,0 +1,197 @@
+"""The launcher: records the cluster, starts its VMs, waits for them, runs the user's command.
+
+It runs as the user inside the allocation (``salloc … vcluster internal
+launcher``).  Whatever happens (a VM fails, the user presses Ctrl-C, the job
+is cancelled), the VMs are stopped and the cluster's keys removed before it
+returns; the agent's release (epilog) is the safety net behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from vcluster.cluster import ClusterPlan, ClusterSpec
+from vcluster.config.loader import Config
+from vcluster.errors import VclusterError
+from vcluster.launch import sshkeys
+from vcluster.launch.progress import ProgressView
+from vcluster.launch.steps import RunnerStep
+from vcluster.lifecycle import VmState
+from vcluster.store.base import Store, WatchEvent
+from vcluster.store.keys import Keys
+from vcluster.store.records import VmRecord, from_json, to_json
+
+
+class Interrupted(VclusterError):
+    """The launcher was told to stop (Ctrl-C, scancel, hang-up)."""
+
+    exit_code = 130
+
+
+class ClusterFailed(VclusterError):
+    """A VM failed before the cluster was ready."""
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    command: str | None = None  # -E CMD; None runs an interactive shell
+    stop_timeout: float = 90.0  # how long the runners get to power their guests down
+    verbose: bool = False
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(f"stopping: received {signal.Signals(signum).name}")
+
+
+class Launcher:
+    def __init__(self, config: Config, plan: ClusterPlan, store: Store, *, job: str,
+                 job_name: str, options: LaunchOptions) -> None:
+        self.config = config
+        self.plan = plan
+        self.store = store
+        self.job = job
+        self.job_name = job_name
+        self.options = options
+        self.user = getpass.getuser()
+        self.keys = Keys(config.batch.store.prefix)
+        self.view = ProgressView([vm.name for vm in plan.vms])
+
+    # -- recording ------------------------------------------------------------
+
+    def record(self) -> int:
+        """Write the spec, the key pair and one pending record per VM; the revision after."""
+        pair = sshkeys.generate(f"vcluster-job-{self.job}")
+        spec = ClusterSpec(self.job, self.job_name, self.user, os.getuid(), time.time(),
+                           pair.public, self.plan)
+        k = self.keys
+        self.store.put(k.cluster_key(self.user, self.job, sshkeys.PRIVATE), pair.private)
+        self.store.put(k.cluster_key(self.user, self.job, sshkeys.PUBLIC), pair.public)
+        revision = 0
+        now = time.time()
+        for vm in self.plan.vms:
+            revision = self.store.put(k.vm(self.user, self.job, vm.index),
+                                      to_json(VmRecord(VmState.PENDING, since=now)))
+        # The spec last: runners that see it find every VM record in place.
+        return self.store.put(k.cluster_spec(self.user, self.job), to_json(spec)) or revision
+
+    def forget(self) -> None:
+        with contextlib.suppress(VclusterError):
+            self.store.delete_prefix(self.keys.cluster_prefix(self.user, self.job))
+
+    # -- waiting --------------------------------------------------------------
+
+    def _apply(self, event: WatchEvent) -> VmRecord | None:
+        if event.type.name != "PUT":
+            return None
+        index = self.keys.vm_index(event.key, self.user, self.job)
+        record = from_json(VmRecord, event.value)
+        self.view.update(index, record)
+        return record
+
+    def wait_ready(self, step: RunnerStep, revision: int) -> None:
+        vms_prefix = self.keys.vms_prefix(self.user, self.job)
+        with self.store.watch_prefix(vms_prefix, start_revision=revision + 1) as watch:
+            for entry in self.store.get_prefix(vms_prefix).entries:
+                self.view.update(self.keys.vm_index(entry.key, self.user, self.job),
+                                 from_json(VmRecord, entry.value))
+            while True:
+                states = {i: r.state for i, r in self.view.records.items()}
+                failed = [i for i, s in states.items() if s is VmState.FAILED]
+                if failed:
+                    raise self._failure(failed[0])
+                if len(states) == len(self.plan.vms) and all(
+                        s is VmState.READY for s in states.values()):
+                    return
+                if step.exited() is not None:
+                    # Give the last published states a moment to arrive.
+                    while (late := watch.get(timeout=1.0)) is not None:
+                        self._apply(late)
+                    if any(r.state is VmState.FAILED for r in self.view.records.values()):
+                        continue
+                    lines = "\n".join(f"    {line}" for line in step.tail())
+                    raise ClusterFailed(f"the VM runners exited (srun status {step.exited()}) "
+                                        f"before the cluster was ready; their last output:\n"
+                                        f"{lines}")
+                event = watch.get(timeout=0.5)
+                if event is not None:
+                    self._apply(event)
+                else:
+                    self.view.draw()
+
+    def _failure(self, index: int) -> ClusterFailed:
+        record = self.view.records[index]
+        where = f" on {record.host}" if record.host else ""
+        text = f"{self.plan.vms[index].name} failed{where}: {record.error}"
+        if record.console_tail:
+            text += "\n  console (last lines):\n" + "\n".join(
+                f"    {line}" for line in record.console_tail)
+        return ClusterFailed(text)
+
+    # -- the user's part ------------------------------------------------------
+
+    def run_user_command(self) -> int:
+        env = dict(os.environ, VCLUSTER_JOB_ID=self.job)
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        with tempfile.TemporaryDirectory(prefix="vcluster-shell-") as tmp:
+            if self.options.command is not None:
+                argv = [shell, "-c", self.options.command]
+            elif Path(shell).name == "bash":
+                rc = Path(tmp) / "bashrc"
+                rc.write_text('[ -f ~/.bashrc ] && . ~/.bashrc\n'
+                              'PS1="(vcluster $VCLUSTER_JOB_ID) ${PS1:-\\u@\\h:\\w\\$ }"\n')
+                argv = [shell, "--rcfile", str(rc), "-i"]
+            else:
+                env["PS1"] = f"(vcluster {self.job}) $ "
+                argv = [shell, "-i"]
+            # The shell owns Ctrl-C now; the launcher still stops on TERM/HUP.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                proc = subprocess.Popen(argv, env=env)
+                try:
+                    return proc.wait()
+                except Interrupted:
+                    proc.terminate()
+                    raise
+            finally:
+                signal.signal(signal.SIGINT, previous)
+
+    # -- the whole run ----------------------------------------------------------
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _raise_interrupted)
+        out = sys.stderr
+        count = len(self.plan.vms)
+        start = time.monotonic()
+        step: RunnerStep | None = None
+        try:
+            revision = self.record()
+            out.write(f"vcluster: job {self.job}: starting {count} VM"
+                      f"{'s' if count > 1 else ''} ({self.plan.definition})\n")
+            step = RunnerStep(self.job, count, echo=self.options.verbose)
+            self.wait_ready(step, revision)
+            out.write(f"vcluster: job {self.job}: {count} VM{'s' if count > 1 else ''} ready "
+                      f"in {time.monotonic() - start:.1f} s; VCLUSTER_JOB_ID={self.job}\n")
+            out.flush()
+            return self.run_user_command()
+        except KeyboardInterrupt as e:
+            raise Interrupted("stopping: interrupted") from e
+        finally:
+            with contextlib.suppress(Interrupted, KeyboardInterrupt):
+                if step is not None:
+                    out.write(f"vcluster: job {self.job}: stopping the VMs\n")
+                    out.flush()
+                    step.stop(self.options.stop_timeout)
+                self.forget()
+                out.write(f"vcluster: job {self.job}: stopped\n")
+

@@ -1,0 +1,26 @@
+"""The per-cluster ssh key pair, made at launch and kept under the user's store prefix."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vcluster.run import run
+
+PRIVATE = "id_ed25519"
+PUBLIC = "id_ed25519.pub"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: str
+    public: str
+
+
+def generate(comment: str) -> KeyPair:
+    """A fresh ed25519 key pair (ssh-keygen, no passphrase: the VMs are throw-away)."""
+    with tempfile.TemporaryDirectory(prefix="vcluster-key-") as tmp:
+        path = Path(tmp) / "key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
+        return KeyPair(path.read_text(), path.with_suffix(".pub").read_text().strip())

@@ -1,0 +1,97 @@
+"""The job step that runs the VM runners: start it with srun, stop it gracefully.
+
+SIGTERM to srun makes it abort the step and kill the tasks at once; a clean
+stop is ``scancel --signal=TERM JOB.STEP``, which lets every runner power its
+guest down and exit, and srun then ends by itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import IO
+
+from vcluster.errors import CommandError
+from vcluster.run import run, spawn
+
+STEP_NAME = "vcluster-vms"
+
+
+class RunnerStep:
+    """``srun … vcluster internal vm``: one task per VM, output kept for diagnosis."""
+
+    def __init__(self, job: str, count: int, *, echo: bool = False) -> None:
+        self.job = job
+        self.count = count
+        self.echo = echo
+        self.output: collections.deque[str] = collections.deque(maxlen=200)
+        argv = ["srun", f"--job-name={STEP_NAME}", f"--ntasks={count}", "--kill-on-bad-exit=0",
+                "--label", "--input=none", sys.executable, "-m", "vcluster", "internal", "vm"]
+        self.proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.proc.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.output.append(line)
+            if self.echo:
+                print(f"  | {line}", file=sys.stderr, flush=True)
+
+    def exited(self) -> int | None:
+        return self.proc.poll()
+
+    def step_id(self) -> str | None:
+        """``JOB.STEP`` of our step, from squeue (None once it is gone)."""
+        try:
+            out: str = run(["squeue", "--steps", f"--jobs={self.job}", "--noheader",
+                            "--format=%i %j"], timeout=10).stdout
+        except CommandError:
+            return None
+        for line in out.splitlines():
+            step, _, name = line.strip().partition(" ")
+            if name.strip() == STEP_NAME:
+                return step
+        return None
+
+    def stop(self, timeout: float) -> int:
+        """Ask every runner to stop (SIGTERM through SLURM), then force after ``timeout``."""
+        if self.exited() is None:
+            deadline = time.monotonic() + 10
+            step = self.step_id()
+            while step is None and self.exited() is None and time.monotonic() < deadline:
+                time.sleep(0.2)  # srun has not registered the step yet
+                step = self.step_id()
+            if step is not None:
+                with contextlib.suppress(CommandError):  # it may have ended meanwhile
+                    run(["scancel", "--signal=TERM", step], timeout=10)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()  # srun aborts the step: SLURM kills the tasks
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def tail(self, lines: int = 20) -> list[str]:
+        return list(self.output)[-lines:]
+
+
+def job_environment() -> tuple[str, str]:
+    """The job id and name of the allocation we run in."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        raise CommandError(["vcluster", "internal", "launcher"],
+                           "not inside a SLURM allocation (SLURM_JOB_ID is not set); "
+                           "use vcluster alloc")
+    return job, os.environ.get("SLURM_JOB_NAME", "vcluster")

@@ -1,0 +1,66 @@
+"""Submitting a cluster: validate everything, then hand over to salloc (or sbatch, later)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from vcluster.errors import InputError
+from vcluster.run import spawn
+
+
+def split_definition(args: list[str]) -> tuple[list[str], str]:
+    """The SLURM options and the cluster definition (the last argument)."""
+    if not args or args[-1].startswith("-"):
+        raise InputError("missing DEFINITION: the cluster to allocate, such as tiny:2 or "
+                         "debian:4,tiny (expected [SALLOC OPTIONS] DEFINITION last)")
+    return args[:-1], args[-1]
+
+
+def _has_option(options: list[str], short: str, long: str) -> bool:
+    """Whether ``-X``, ``-Xvalue``, ``--long`` or ``--long=value`` is among the options."""
+    return any(o in (short, long) or o.startswith(long + "=")
+               or (o.startswith(short) and not o.startswith("--")) for o in options)
+
+
+def write_plan(text: str) -> Path:
+    """The plan, in a file only the user can read, for the launcher to pick up."""
+    fd, name = tempfile.mkstemp(prefix="vcluster-plan-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return Path(name)
+
+
+def submit_alloc(args: list[str], *, cpus: int | None, command: str | None,
+                 stop_timeout: float, verbose: bool) -> int:
+    from vcluster.cli.common import load_config
+    from vcluster.cluster import plan_cluster
+    from vcluster.store.records import to_json
+
+    options, definition = split_definition(args)
+    config = load_config()
+    plan = plan_cluster(config, definition, cpus_per_task=cpus)
+    argv = ["salloc", *options, f"--ntasks={len(plan.vms)}"]
+    if cpus is not None:
+        argv.append(f"--cpus-per-task={cpus}")
+    if not _has_option(options, "-J", "--job-name"):
+        argv.append("--job-name=vcluster")
+    plan_path = write_plan(to_json(plan))
+    argv += [sys.executable, "-m", "vcluster", "internal", "launcher", "--plan", str(plan_path),
+             f"--stop-timeout={stop_timeout}"]
+    if command is not None:
+        argv += ["--command", command]
+    if verbose:
+        argv.append("--verbose")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # salloc and the launcher handle it
+    try:
+        proc = spawn(argv, stdin=None, stdout=None, stderr=None)
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        with contextlib.suppress(OSError):
+            plan_path.unlink()  # salloc failed before the launcher could take it
