@@ -18,7 +18,8 @@ from vcluster.sandbox.slurmconf import SANDBOX_OVERRIDES, parse_fragment, slurm_
 __all__ = ["sandbox", "sandbox_dir"]  # fixtures, imported so that pytest finds them
 
 LINE = re.compile(r"^\S+ (?P<script>prolog|epilog) job=(?P<job>\d+) node=(?P<node>\S+) "
-                  r"uid=(?P<uid>\d+) job_uid=(?P<job_uid>\d*) job_user=(?P<user>\S*)$")
+                  r"uid=(?P<uid>\d+) job_uid=(?P<job_uid>\d*) job_user=(?P<user>\S*)"
+                  r" agent=(?P<agent>.*)$")
 
 
 STORE_SETUP = """
@@ -93,7 +94,8 @@ def test_up_srun_status_down_leaves_nothing(sandbox_dir: Path) -> None:
         assert re.fullmatch(r"vcsb-[0-9a-f]{6}", sid)
         assert {f"{sid}-ctl", f"{sid}-h1", f"{sid}-h2", f"{sid}-h3"} <= netns_names()
         names = sorted(p["name"] for p in box.state["processes"])
-        assert names == ["etcd", "munged", "slurmctld", "slurmd@h1", "slurmd@h2", "slurmd@h3"]
+        assert names == ["agent@ctl", "agent@h1", "agent@h2", "agent@h3", "etcd", "munged",
+                         "slurmctld", "slurmd@h1", "slurmd@h2", "slurmd@h3"]
 
         # srun -N3 hostname: three distinct host names.
         out = box.run(["srun", "-N3", "hostname"]).stdout.split()
@@ -102,6 +104,10 @@ def test_up_srun_status_down_leaves_nothing(sandbox_dir: Path) -> None:
         wait_for_scripts(box, job, {"h1", "h2", "h3"})
         for node, scripts in script_runs(box, job).items():
             assert scripts == {"prolog": "0", "epilog": "0"}, node  # as root
+        # ... and each reached its host's agent.
+        agent_results = {m["agent"] for line in box.script_log()
+                         if (m := LINE.match(line)) and m["job"] == job}
+        assert agent_results == {"ok"}, box.script_log()
 
         # status: every daemon alive, every host with its address and SLURM state.
         status = box.status()

@@ -118,7 +118,6 @@ def mac_address(job: str, vm: int, nic: int) -> str:
 def _boot(t: Template, repos: Sequence[Path]) -> BootPlan:
     from vcluster.images.repo import INFO_FILE, Image, ImageInfo, resolve_image
 
-    where = f"template {t.name!r}"
     if t.image is None and t.kernel is None:
         origin = t.origin
         raise InputError(f"{origin}: {t.name}: no image and no kernel (expected image: "

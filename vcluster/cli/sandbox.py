@@ -31,7 +31,8 @@ def sandbox() -> None:
     """A test bed on one machine: munge, etcd, slurmctld and N SLURM hosts.
 
     Each host is a network namespace with its own hostname and address
-    running a slurmd; the controller (hostname ctl) is the login node too.
+    running a slurmd and a vcluster-agent; the controller (hostname ctl) is
+    the login node too (it runs an agent for store credentials).
     Every machine has a vcluster configuration of its own. Needs root.
 
     \b
@@ -57,7 +58,8 @@ def up(directory: Path, hosts: int, images: Path, cpus: int, memory_mb: int) -> 
     """Bring a sandbox up (root).
 
     Starts munged, etcd (auth enabled) and slurmctld on the controller, and a
-    slurmd on each host, then waits until every node is idle. If a step
+    slurmd on each host, waits until every node is idle, then starts a
+    vcluster-agent on the controller and on each host. If a step
     fails, whatever was started is removed again. Refuses to start over a
     sandbox that runs (or left files) in the same directory.
     """
@@ -137,7 +139,7 @@ def status(directory: Path) -> None:
 def down(directory: Path) -> None:
     """Stop the sandbox and remove everything it made (root).
 
-    Stops slurmd, slurmctld, etcd and munged by PID (and anything else still
+    Stops slurmd, the agents, slurmctld, etcd and munged by PID (and anything else still
     running in the sandbox's namespaces), removes its namespaces and its
     directory. Works after a failed 'up' and does nothing when no sandbox is
     there; if something resists, says what and can be run again.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vcluster.errors import SandboxError, VclusterError
-from vcluster.sandbox import daemons, network, process, store, vconf
+from vcluster.sandbox import agents, daemons, network, process, store, vconf
 from vcluster.sandbox.state import (
     CONTROLLER,
     CONTROLLER_ADDRESS,
@@ -32,8 +32,8 @@ from vcluster.sandbox.state import (
 )
 
 Progress = Callable[[str], None]
-NEEDED = ("munged", "slurmctld", "slurmd", "scontrol", "sinfo", "etcd", "etcdctl", "openssl",
-          "nsenter", "unshare", "umount", "setpriv")
+NEEDED = ("munged", "slurmctld", "slurmd", "scontrol", "squeue", "sinfo", "etcd", "etcdctl",
+          "openssl", "nsenter", "unshare", "umount", "setpriv")
 # Stop order: slurmd first (else it retries slurmctld for 10 s), then the agents (the
 # epilog needs them), munged last.
 STOP_ORDER = ("slurmd", "agent", "slurmctld", "etcd", "munged")
@@ -152,6 +152,7 @@ def _bring_up(state: SandboxState, options: UpOptions, progress: Progress) -> No
     daemons.write_slurm(state, options.cpus, options.memory_mb)
     progress(f"slurm.conf written: {state.slurm_conf}")
     daemons.start_slurm(state, progress)
+    agents.start_all(state, progress)
     state.phase = "up"
     state.save()
 

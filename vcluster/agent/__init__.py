@@ -1,0 +1,13 @@
+"""The host agent, ``vcluster-agent``: the only privileged part of vcluster.
+
+One per host (root). It serves a unix socket (``server``) with a small,
+versioned request schema (``protocol``), proves who calls (``peer``), creates
+a job's bridges, taps and FAM regions (``netdev``, ``fam``, ``jobs``), records
+all of it in a per-job undo log (``undo``) that ``release`` and the reconcile
+pass (``reconcile``) walk back, registers its host in the store
+(``registration``) and hands out etcd credentials (``credentials``).
+``client`` is the stdlib-only client the VM runner and the SLURM scripts use.
+
+This package's ``__init__`` imports nothing: the client is imported in every
+VM runner.
+"""

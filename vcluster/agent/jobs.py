@@ -1,0 +1,217 @@
+"""A job's resources on this host: made on request, recorded in its undo log, released.
+
+Each operation on a job holds that job's lock, so a VM runner's request, the
+epilog's release and the reconcile pass never interleave on one job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vcluster.agent import fam, netdev, undo
+from vcluster.agent.peer import JobInfo
+from vcluster.agent.protocol import Refusal, VmResources, failed
+from vcluster.agent.registration import StoreLink
+from vcluster.agent.undo import JobLog, Kind, UndoEntry
+from vcluster.errors import StoreError
+from vcluster.store.base import Delete, value_is
+from vcluster.store.records import HostSetup, JobOwner, SetupState, to_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where this agent keeps things and what it is called."""
+
+    node: str  # the SLURM node name of this host (also its name in the store)
+    state: Path  # directories.state: undo logs
+    run: Path  # directories.run: socket, FAM regions
+
+
+class Jobs:
+    """The jobs on this host and their resources."""
+
+    def __init__(self, settings: Settings, link: StoreLink) -> None:
+        self.settings = settings
+        self.link = link
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def locked(self, job: str) -> Iterator[None]:
+        with self._locks_lock:
+            lock = self._locks.setdefault(job, threading.Lock())
+        with lock:
+            yield
+
+    # -------------------------------------------------------------- making
+
+    def _open_log(self, info: JobInfo) -> JobLog:
+        existing = undo.load(self.settings.state, info.job)
+        if existing is not None and existing.uid != info.uid:
+            # A log of an earlier job with the same id (SLURM's ids were reset): its
+            # resources are not this job's; release them first.
+            log.warning("job %s: stale undo log of uid %d (now uid %d); releasing it",
+                        info.job, existing.uid, info.uid)
+            self._release_log(existing)
+            existing = None
+        if existing is None:
+            existing = undo.create(self.settings.state, info.job, info.uid, info.user)
+        return existing
+
+    def _publish(self, job_log: JobLog) -> None:
+        """The job's owner and this host's setup state, in the store (best effort)."""
+        if job_log.published:
+            return
+        keys = self.link.keys
+        try:
+            store = self.link.get()
+            store.put(keys.job_owner(job_log.job),
+                      to_json(JobOwner(uid=job_log.uid, user=job_log.user)))
+            store.put(keys.job_host_setup(job_log.job, self.settings.node),
+                      to_json(HostSetup(SetupState.READY)))
+        except StoreError as e:
+            log.warning("job %s: cannot record it in the store (retried later): %s",
+                        job_log.job, e)
+            return
+        job_log.published = True
+        job_log.save()
+
+    def prolog(self, info: JobInfo) -> dict[str, Any]:
+        with self.locked(info.job):
+            job_log = self._open_log(info)
+            self._publish(job_log)
+            return {"ok": True, "job": info.job, "published": job_log.published}
+
+    def vm_resources(self, request: VmResources, info: JobInfo,
+                     gid: int) -> tuple[dict[str, Any], list[int]]:
+        fds: list[int] = []
+        try:
+            with self.locked(request.job):
+                job_log = self._open_log(info)
+                self._publish(job_log)
+                taps: list[dict[str, Any]] = []
+                for net in request.networks:
+                    index = job_log.network_index(net.name)
+                    bridge = netdev.bridge_name(request.job, index)
+                    job_log.record(UndoEntry(Kind.BRIDGE, bridge, network=net.name))
+                    netdev.ensure_bridge(bridge, net.mtu)
+                    tap = netdev.tap_name(request.job, request.vm, index)
+                    job_log.record(UndoEntry(Kind.TAP, tap, vm=request.vm, network=net.name))
+                    netdev.ensure_tap(tap, bridge, net.mtu)
+                    fds.append(netdev.open_tap(tap))
+                    taps.append({"network": net.name, "ifname": tap, "mac": None})
+                region: dict[str, Any] | None = None
+                if request.fam is not None:
+                    path = fam.ensure_region(self.settings.run, job_log, request.fam.name,
+                                             request.fam.size, info.uid, gid)
+                    region = {"path": str(path), "size": request.fam.size}
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return {"ok": True, "taps": taps, "fam": region}, fds
+
+    # -------------------------------------------------------------- releasing
+
+    def _undo(self, job_log: JobLog, entry: UndoEntry) -> None:
+        if entry.kind in (Kind.TAP, Kind.BRIDGE):
+            netdev.remove_link(entry.name)
+        elif entry.kind in (Kind.FILE, Kind.DIR):
+            fam.remove_path(entry.kind, Path(entry.name))
+        elif entry.kind is Kind.STORE:
+            self._delete_keys(job_log.job, entry.name)
+
+    def _delete_keys(self, job: str, user: str) -> None:
+        """The job's keys: ``jobs/<job>/``, the cluster's, and pool entries it holds.
+
+        Every agent of the job deletes them when it releases (deleting is
+        idempotent), so the keys are gone once the last epilog of the job ran.
+        """
+        keys = self.link.keys
+        try:
+            store = self.link.get()
+            store.delete_prefix(keys.job_prefix(job))
+            store.delete_prefix(keys.cluster_prefix(user, job))
+            for entry in store.get_prefix(f"{keys.prefix}/pools/"):
+                if _owned_by(entry.value, job):
+                    store.txn([value_is(entry.key, entry.value)], [Delete(entry.key)])
+        except StoreError as e:
+            raise failed(f"cannot delete the store keys of job {job}: {e}") from e
+
+    def _release_log(self, job_log: JobLog) -> list[str]:
+        """Undo everything in the log (backwards); what was removed. Refusal if not all."""
+        removed: list[str] = []
+        problems: list[str] = []
+        for entry in reversed(list(job_log.entries)):
+            try:
+                self._undo(job_log, entry)
+            except Refusal as e:
+                problems.append(str(e))
+                continue
+            job_log.forget(entry)
+            removed.append(entry.describe())
+        # Devices named for the job that the log does not know (it was edited or lost).
+        for name in netdev.links_with_prefix(netdev.job_prefixes(job_log.job)[1]) + \
+                netdev.links_with_prefix(netdev.job_prefixes(job_log.job)[0]):
+            try:
+                if netdev.remove_link(name):
+                    removed.append(f"stray device {name}")
+            except Refusal as e:
+                problems.append(str(e))
+        if problems:
+            raise failed(f"job {job_log.job}: released only in part ({'; '.join(problems)}); "
+                         "the agent's reconcile pass tries again")
+        undo.remove(job_log)
+        return removed
+
+    def release(self, job: str) -> dict[str, Any]:
+        with self.locked(job):
+            job_log = undo.load(self.settings.state, job)
+            if job_log is None:
+                stray = netdev.links_with_prefix(*netdev.job_prefixes(job))
+                for name in sorted(stray, key=lambda n: not n.startswith("vct")):
+                    netdev.remove_link(name)
+                return {"ok": True, "job": job, "removed": [f"stray device {n}" for n in stray]}
+            removed = self._release_log(job_log)
+        log.info("job %s released: %s", job, ", ".join(removed) or "nothing to remove")
+        return {"ok": True, "job": job, "removed": removed}
+
+    # -------------------------------------------------------------- looking
+
+    def logged(self) -> list[str]:
+        return undo.logged_jobs(self.settings.state)
+
+    def status(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for job in self.logged():
+            try:
+                job_log = undo.load(self.settings.state, job)
+            except Refusal as e:
+                out.append({"job": job, "error": str(e)})
+                continue
+            if job_log is not None:
+                data = job_log.to_json()
+                data.pop("format")
+                out.append(data)
+        return out
+
+
+def _owned_by(value: str, job: str) -> bool:
+    """A pool entry's value names ``job``: the job id, or JSON with "job": id."""
+    if value == job:
+        return True
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and str(data.get("job")) == job

@@ -1,0 +1,178 @@
+"""``vcluster-agent``: the host agent daemon, and the commands the SLURM scripts run.
+
+::
+
+    vcluster-agent [--config DIR] [serve] [--node NAME] [--reconcile-interval S]
+    vcluster-agent [--config DIR] prolog JOB     # the SLURM prolog (root)
+    vcluster-agent [--config DIR] release JOB    # the SLURM epilog (root); idempotent
+    vcluster-agent [--config DIR] status         # jobs and their resources (root)
+    vcluster-agent [--config DIR] ping
+
+``DIR`` holds batch.yaml (default: $VCLUSTER_CONF or /etc/vcluster); the
+socket is ``<directories.run>/agent.sock``.  Deliberately argparse, not the
+click CLI: the agent stays small and quick to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from vcluster.agent.client import AgentClient, AgentError, socket_path
+from vcluster.config.batch import BatchConfig, parse_batch
+from vcluster.config.paths import system_dir
+from vcluster.config.source import load_yaml
+from vcluster.errors import VclusterError
+
+log = logging.getLogger("vcluster.agent")
+
+
+def load_config(directory: Path | None) -> BatchConfig:
+    path = (directory or system_dir()) / "batch.yaml"
+    return parse_batch(load_yaml(path), path)
+
+
+def serve(config: BatchConfig, node: str | None, interval: float, register: bool) -> int:
+    from vcluster.agent.jobs import Jobs, Settings
+    from vcluster.agent.peer import Slurm
+    from vcluster.agent.reconcile import Reconciler
+    from vcluster.agent.registration import Registration, StoreLink
+    from vcluster.agent.server import AgentServer
+    from vcluster.agent.service import Agent
+
+    if os.geteuid() != 0:
+        raise VclusterError("vcluster-agent serve needs root (it makes network devices and "
+                            "files owned by other users)")
+    node = node or socket.gethostname().split(".", 1)[0]
+    dirs = config.directories
+    for directory in (dirs.state, dirs.run):
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    settings = Settings(node=node, state=dirs.state, run=dirs.run)
+    link = StoreLink(config.store)
+    slurm = Slurm(node)
+    jobs = Jobs(settings, link)
+    registration = Registration(link, node) if register else None
+    agent = Agent(jobs, slurm, link, registration)
+    try:
+        server = AgentServer(socket_path(dirs.run), agent)
+    except OSError as e:
+        raise VclusterError(f"cannot serve on {socket_path(dirs.run)}: {e}") from e
+    reconciler = Reconciler(jobs, slurm, interval)
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("vcluster agent of %s (pid %d) serving on %s; state in %s; reconcile every %g s",
+             node, os.getpid(), server.path, dirs.state, interval)
+    if registration is not None:
+        registration.start()
+    reconciler.start()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        reconciler.stop()
+        if registration is not None:
+            registration.stop()
+        link.close()
+    log.info("stopped; the jobs' resources stay until released")
+    return 0
+
+
+def _client(config: BatchConfig) -> AgentClient:
+    return AgentClient(socket_path(config.directories.run))
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="vcluster-agent", description=(
+        "The vcluster host agent (root): network devices, FAM regions and store credentials "
+        "for the virtual clusters of the SLURM jobs on this host."))
+    top.add_argument("--config", type=Path, metavar="DIR",
+                     help="directory holding batch.yaml (default: $VCLUSTER_CONF or "
+                          "/etc/vcluster)")
+    top.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    s = sub.add_parser("serve", help="run the agent (the default)")
+    s.add_argument("--node", help="this host's SLURM node name (default: the short hostname)")
+    s.add_argument("--reconcile-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="how often to release resources of jobs SLURM no longer runs "
+                        "(default: 60)")
+    s.add_argument("--no-register", dest="register", action="store_false",
+                   help="do not register this host in the store")
+    for name, text in (("prolog", "set up a job on this host (the SLURM prolog runs it)"),
+                       ("release", "remove everything of a job on this host (the epilog)")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("job", metavar="JOB", help="the SLURM job id")
+    st = sub.add_parser("status", help="show the jobs on this host and their resources")
+    st.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+    sub.add_parser("ping", help="check that the agent answers")
+    return top
+
+
+def _print_status(answer: dict[str, object]) -> None:
+    jobs = answer.get("jobs")
+    print(f"host {answer.get('host')} (node {answer.get('node')}), registered in the store: "
+          f"{'yes' if answer.get('registered') else 'no'}")
+    if not isinstance(jobs, list) or not jobs:
+        print("no jobs")
+        return
+    for job in jobs:
+        if "error" in job:
+            print(f"job {job['job']}: {job['error']}")
+            continue
+        print(f"job {job['job']} of {job['user']} (uid {job['uid']}):")
+        for entry in job["entries"]:
+            where = "".join(f" {k}={entry[k]}" for k in ("vm", "network") if k in entry)
+            print(f"  {entry['kind']:<7} {entry['name']}{where}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    command = args.command or "serve"
+    try:
+        config = load_config(args.config)
+        if command == "serve":
+            return serve(config, getattr(args, "node", None),
+                         getattr(args, "reconcile_interval", 60.0),
+                         getattr(args, "register", True))
+        client = _client(config)
+        if command == "ping":
+            print(json.dumps(client.ping()))
+        elif command == "prolog":
+            answer = client.prolog(args.job)
+            print(f"job {args.job} set up on {socket.gethostname()}"
+                  + ("" if answer.get("published") else " (not yet recorded in the store)"))
+        elif command == "release":
+            removed = client.release(args.job).get("removed") or []
+            print(f"job {args.job} released on {socket.gethostname()}: "
+                  + (", ".join(map(str, removed)) or "nothing to remove"))
+        elif command == "status":
+            answer = client.status()
+            if args.json:
+                print(json.dumps(answer, indent=1))
+            else:
+                _print_status(answer)
+    except AgentError as e:
+        print(f"vcluster-agent: {e}", file=sys.stderr)
+        return 1
+    except VclusterError as e:
+        print(f"vcluster-agent: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

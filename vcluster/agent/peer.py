@@ -1,0 +1,125 @@
+"""Who is calling, and does that caller belong to the job it names.
+
+The caller is what the kernel says (SO_PEERCRED: pid, uid, gid of the
+process that connected), never what the request says.  Membership is what
+SLURM says: ``scontrol pidinfo PID`` names the job a process belongs to on
+this host (slurmd answers from its process tracking), and ``scontrol show
+job`` names the job's user.  Every SLURM command has a bounded timeout.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+from dataclasses import dataclass
+
+from vcluster.agent.protocol import Refusal, denied, failed
+from vcluster.errors import CommandError
+from vcluster.run import run
+
+SLURM_TIMEOUT = 15.0
+# Job states in which a job still holds its nodes (its resources must stay).
+HOLDING_STATES = "R,S,CG,CF,ST,SO,SI,RS"
+
+_PIDINFO_RE = re.compile(r"\bJobId=(\d+)")
+_USER_RE = re.compile(r"\bUserId=(\S*)\((\d+)\)")
+_STATE_RE = re.compile(r"\bJobState=(\S+)")
+_NODES_RE = re.compile(r"\bNodeList=(\S+)")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process at the other end of a unix socket."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return Peer(pid, uid, gid)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What SLURM says of a job."""
+
+    job: str
+    uid: int
+    user: str
+    state: str
+    nodes: str
+
+
+class Slurm:
+    """The SLURM questions the agent asks, through ``scontrol`` and ``squeue``."""
+
+    def __init__(self, node: str, timeout: float = SLURM_TIMEOUT) -> None:
+        self.node = node
+        self.timeout = timeout
+
+    def _run(self, argv: list[str]) -> tuple[int, str, str]:
+        try:
+            result = run(argv, check=False, timeout=self.timeout)
+        except CommandError as e:
+            raise failed(f"cannot ask SLURM ({e})") from e
+        return result.returncode, str(result.stdout), str(result.stderr)
+
+    def job_of_pid(self, pid: int) -> str | None:
+        """The job that process ``pid`` belongs to on this host, or None."""
+        code, out, _err = self._run(["scontrol", "pidinfo", str(pid)])
+        match = _PIDINFO_RE.search(out)
+        return match.group(1) if code == 0 and match else None
+
+    def job(self, job: str) -> JobInfo | None:
+        """The job's user and state, or None if SLURM does not know the job (any more)."""
+        code, out, err = self._run(["scontrol", "show", "job", "-o", job])
+        if code != 0:
+            if "Invalid job id" in err or "Invalid job id" in out:
+                return None
+            last = (err.strip().splitlines() or ["no message"])[-1]
+            raise failed(f"scontrol show job {job} failed: {last}")
+        user = _USER_RE.search(out)
+        state = _STATE_RE.search(out)
+        nodes = _NODES_RE.search(out)
+        if user is None or state is None:
+            raise failed(f"scontrol show job {job}: no UserId or JobState in its answer")
+        return JobInfo(job=job, uid=int(user.group(2)), user=user.group(1),
+                       state=state.group(1), nodes=nodes.group(1) if nodes else "")
+
+    def jobs_holding_node(self) -> set[str] | None:
+        """Jobs SLURM runs (or is ending) on this node; None when SLURM cannot tell."""
+        code, out, _err = self._run(["squeue", "--noheader", f"--nodelist={self.node}",
+                                     f"--states={HOLDING_STATES}", "--format=%A"])
+        if code != 0:
+            return None
+        return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def prove_member(slurm: Slurm, peer: Peer, job: str, host: str) -> JobInfo:
+    """The job, if ``peer`` is a process of ``job`` on this host running as the job's user.
+
+    Otherwise a ``denied`` Refusal that says why.
+    """
+    actual = slurm.job_of_pid(peer.pid)
+    if actual != job:
+        part = f"part of job {actual}, not {job}" if actual else f"part of no job on {host}"
+        raise denied(f"pid {peer.pid} is not part of job {job} on {host} (it is {part}); "
+                     "ask from a task of the job (srun)")
+    info = slurm.job(job)
+    if info is None:
+        raise denied(f"job {job} is not known to SLURM (any more)")
+    if info.uid != peer.uid:
+        raise denied(f"job {job} belongs to uid {info.uid}, not {peer.uid}")
+    return info
+
+
+def require_root(peer: Peer, what: str) -> None:
+    if peer.uid != 0:
+        raise denied(f"{what} needs root (you are uid {peer.uid})")
+
+
+__all__ = ["JobInfo", "Peer", "Refusal", "Slurm", "peer_of", "prove_member", "require_root"]
