@@ -81,6 +81,9 @@ def write_slurm(state: SandboxState, cpus: int, memory_mb: int) -> None:
             sandbox=state.id, script=source / name, log=scripts_log(state),
             conf_root=base / "conf", path=tool_path()))
         wrapper.chmod(0o755)
+    task_prolog = layout.script(slurmconf.TASK_PROLOG)
+    task_prolog.write_text(slurmconf.render_task_prolog(sandbox=state.id, conf_root=base / "conf"))
+    task_prolog.chmod(0o755)
     state.slurm_conf = str(layout.conf)
     state.save()
 

@@ -19,6 +19,7 @@ from vcluster.sandbox.state import CONTROLLER, Host
 
 FRAGMENT = "slurm.conf.fragment"
 SCRIPTS = ("prolog", "epilog")
+TASK_PROLOG = "task-prolog"
 SLURMCTLD_PORT = 6817  # each in the sandbox's own namespaces: no clash with a real SLURM
 SLURMD_PORT = 6818
 PARTITION = "sandbox"
@@ -126,12 +127,25 @@ def render_conf(
             value, why = SANDBOX_OVERRIDES[key]
             lines.append(f"# sandbox: {why}")
         lines.append(f"{key}={value}")
+    lines.append("# sandbox: every task sees its own host's vcluster configuration, as it "
+                 "would on separate machines")
+    lines.append(f"TaskProlog={layout.script(TASK_PROLOG)}")
     lines.append("")
     for host in hosts:
         lines.append(f"NodeName={host.name} NodeAddr={host.address} NodeHostname={host.name} "
                      f"CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN")
     lines.append(f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
     return "\n".join(lines) + "\n"
+
+
+def render_task_prolog(*, sandbox: str, conf_root: Path) -> str:
+    """A TaskProlog: what it prints as ``export K=V`` lands in the task's environment."""
+    return "\n".join([
+        "#!/bin/sh",
+        f"# task prolog of vcluster sandbox {sandbox}; generated, do not edit.",
+        f'echo "export VCLUSTER_CONF={shlex.quote(str(conf_root))}/$SLURMD_NODENAME"',
+        "",
+    ])
 
 
 def render_wrapper(*, sandbox: str, script: Path, log: Path, conf_root: Path, path: str) -> str:
