@@ -71,7 +71,7 @@ for step in plan:
     if dev.fam is not None:
         fam = {"path": dev.fam.path, "size": dev.fam.size,
                "mapped": fam_check(dev.fam.path, dev.fam.size)}
-    results.append({"taps": taps, "fam": fam, "pid": os.getpid()})
+    results.append({"taps": taps, "fam": fam, "workdir": dev.workdir, "pid": os.getpid()})
     if step.get("keep"):
         held.append(dev)
     else:

@@ -82,6 +82,8 @@ def nothing_left(tool: JobTool, job: str, host: str = "h1") -> None:
     assert tool.job_links(host, job) == []
     assert not (tool.state_dir(host) / "jobs" / job).exists()
     assert not (tool.run_dir(host) / "jobs" / job).exists()
+    assert not (tool.state_dir(host) / "work" / job).exists()
+    assert Path("/etc/hostname").exists()  # a planted link was not followed
 
 
 def store_keys(box: Sandbox, prefix: str) -> list[str]:
@@ -140,6 +142,16 @@ def test_vm_resources_for_the_job_and_its_user_only(sandbox: Sandbox, tool: JobT
         assert path.read_bytes()[:6] == b"marker"
         assert tool.box.run(["test", "-r", str(path)], user=USER_B, check=False).returncode != 0
         assert tool.box.run(["ls", str(path.parent)], user=USER_B, check=False).returncode != 0
+
+        # The work directory for the VMs' files: the job user's, 0700, on disk.
+        work = Path(first["workdir"])
+        assert work == tool.state_dir("h1") / "work" / job
+        assert vm1["workdir"] == first["workdir"]
+        winfo = work.stat()
+        assert (str(winfo.st_uid), stat.S_IMODE(winfo.st_mode)) == (uid_a, 0o700)
+        tool.box.run(["sh", "-c", f"mkdir -p {work}/vm0/deep && ln -s / {work}/vm0/root"],
+                     user=USER_A)
+        assert tool.box.run(["ls", str(work)], user=USER_B, check=False).returncode != 0
 
         # A restarted runner gets the same devices and region.
         (re_vm0,) = tool.step(USER_A, job, [{"vm": 0, "networks": nets, "fam": fam}])

@@ -69,6 +69,7 @@ class FamRegion:
 class VmDevices:
     taps: tuple[Tap, ...]
     fam: FamRegion | None
+    workdir: str | None = None  # the job's directory on this host, the user's, mode 0700
 
     def close(self) -> None:
         """Close the tap file descriptors (once QEMU has inherited them)."""
@@ -170,7 +171,8 @@ class AgentClient:
                          mac=t.get("mac"), fd=fd) for t, fd in zip(described, fds, strict=True))
         region = answer.get("fam")
         return VmDevices(taps=taps, fam=None if region is None else
-                         FamRegion(path=str(region["path"]), size=int(region["size"])))
+                         FamRegion(path=str(region["path"]), size=int(region["size"])),
+                         workdir=answer.get("workdir"))
 
     def credentials(self) -> dict[str, Any]:
         return self.call("credentials")

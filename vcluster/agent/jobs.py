@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vcluster.agent import fam, netdev, undo
+from vcluster.agent import fam, netdev, undo, workdir
 from vcluster.agent.peer import JobInfo
 from vcluster.agent.protocol import Refusal, VmResources, failed
 from vcluster.agent.registration import StoreLink
@@ -110,6 +110,7 @@ class Jobs:
                     netdev.ensure_tap(tap, bridge, net.mtu)
                     fds.append(netdev.open_tap(tap))
                     taps.append({"network": net.name, "ifname": tap, "mac": None})
+                work = workdir.ensure_workdir(self.settings.state, job_log, info.uid, gid)
                 region: dict[str, Any] | None = None
                 if request.fam is not None:
                     path = fam.ensure_region(self.settings.run, job_log, request.fam.name,
@@ -119,7 +120,7 @@ class Jobs:
             for fd in fds:
                 os.close(fd)
             raise
-        return {"ok": True, "taps": taps, "fam": region}, fds
+        return {"ok": True, "taps": taps, "fam": region, "workdir": str(work)}, fds
 
     # -------------------------------------------------------------- releasing
 
@@ -128,6 +129,8 @@ class Jobs:
             netdev.remove_link(entry.name)
         elif entry.kind in (Kind.FILE, Kind.DIR):
             fam.remove_path(entry.kind, Path(entry.name))
+        elif entry.kind is Kind.TREE:
+            workdir.remove_tree(Path(entry.name))
         elif entry.kind is Kind.STORE:
             self._delete_keys(job_log.job, entry.name)
 

@@ -13,7 +13,8 @@ Ops (who may call them):
 - ``vm-resources`` (a process of the job, as the job's user) with ``job``,
   ``vm``, ``networks`` ([{name, type, mtu}]) and ``fam`` ({name, size} or
   null) -> ``taps`` ([{network, ifname, mac}], their fds attached in that
-  order) and ``fam`` ({path, size} or null).
+  order), ``fam`` ({path, size} or null) and ``workdir`` (the job's work
+  directory on this host: the user's, mode 0700, removed at release).
 - ``credentials`` (any local user) -> ``user``, ``password``, ``prefix``,
   ``endpoints``, ``ca_cert``.
 - ``prolog`` and ``release`` (root) with ``job``; ``status`` (root).

@@ -32,6 +32,7 @@ class Kind(StrEnum):
     TAP = "tap"  # name: interface
     DIR = "dir"  # name: absolute path (removed if empty of what we made)
     FILE = "file"  # name: absolute path
+    TREE = "tree"  # name: absolute path of a directory removed with all it holds
     STORE = "store"  # name: the job's user; the job's keys in the store
 
     def __str__(self) -> str:

@@ -19,8 +19,12 @@ from vcluster.errors import VclusterError
 
 # name -> "module:attribute"; modules are imported on first use.
 COMMANDS: dict[str, str] = {
+    "alloc": "vcluster.cli.alloc:alloc",
     "check": "vcluster.cli.template:check",
+    "console": "vcluster.cli.console:console",
     "image": "vcluster.cli.image:image",
+    "internal": "vcluster.cli.internal:internal",
+    "ps": "vcluster.cli.ps:ps",
     "sandbox": "vcluster.cli.sandbox:sandbox",
     "template": "vcluster.cli.template:template",
 }

@@ -1,13 +1,17 @@
 """The store as the calling user sees it.
 
-root (the agent, site tools, tests) logs in with batch.yaml's credentials.
-Every other user asks the local agent for an etcd user confined to their own
-prefix (``users/<user>/``), so the etcd root password never leaves root.
+The site's store password stays root's.  A caller who can read the password
+file of batch.yaml (root: the agent, site tools) logs in with it; everyone
+else asks the local agent for an etcd user confined to ``users/<user>/``.
+The issued password is kept in memory only.  When the agent sends a CA
+certificate that batch.yaml does not name (or the caller cannot read), it is
+written to a private temporary file just long enough to connect.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,24 +21,33 @@ from vcluster.store import open_store
 from vcluster.store.base import Store
 
 
+def _readable(path: Path | None) -> bool:
+    return path is not None and os.access(path, os.R_OK)
+
+
 def open_user_store(batch: BatchConfig) -> Store:
     """Open the store with the credentials that fit the caller."""
-    if os.geteuid() == 0 and batch.store.user is not None:
-        return open_store(batch.store)
+    config = batch.store
+    if config.user is None or _readable(config.password_file):
+        return open_store(config)
     from vcluster.agent.client import AgentClient, AgentError, socket_path
 
     path = socket_path(batch.directories.run)
     try:
-        creds = AgentClient(path).credentials()
+        answer = AgentClient(path).credentials()
+        user, password = str(answer["user"]), str(answer["password"])
     except AgentError as e:
         raise StoreUnavailable(f"cannot get store credentials from the vcluster agent at "
                                f"{path}: {e}") from e
-    ca = creds.get("ca_cert")
-    config = replace(
-        batch.store,
-        user=str(creds["user"]),
-        password_file=None,
-        endpoints=tuple(creds.get("endpoints") or batch.store.endpoints),
-        ca_cert=Path(ca) if ca else batch.store.ca_cert,
-    )
-    return open_store(config, password=str(creds["password"]))
+    except KeyError as e:
+        raise StoreUnavailable(f"the vcluster agent at {path} sent no {e.args[0]!r} "
+                               "with the store credentials") from e
+    issued = replace(config, user=user, password_file=None,
+                     endpoints=tuple(answer.get("endpoints") or ()) or config.endpoints)
+    ca_text = answer.get("ca_cert")
+    if not ca_text or _readable(config.ca_cert):
+        return open_store(issued, password=password)
+    with tempfile.TemporaryDirectory(prefix="vcluster-ca-") as tmp:
+        ca = Path(tmp) / "etcd-ca.pem"
+        ca.write_text(str(ca_text))
+        return open_store(replace(issued, ca_cert=ca), password=password)

@@ -1,0 +1,19 @@
+"""``vcluster internal``: commands vcluster runs itself (inside SLURM jobs), not users."""
+
+from __future__ import annotations
+
+import click
+
+from vcluster.cli.main import LazyGroup
+
+INTERNAL: dict[str, str] = {
+    "launcher": "vcluster.launch.command:launcher",
+    "vm": "vcluster.vm.command:vm",
+    "console-attach": "vcluster.vm.command:console_attach",
+}
+
+
+@click.group(cls=LazyGroup, lazy=INTERNAL, hidden=True)
+def internal() -> None:
+    """Commands vcluster runs inside SLURM jobs (the launcher, one VM runner per VM,
+    the console relay). Not meant to be typed by hand."""
