@@ -228,3 +228,22 @@ def epilog_ran(box: Sandbox, job: str, host: str = "h1") -> str | None:
         if f" epilog job={job} node={host} " in line:
             return line.split(" agent=", 1)[1]
     return None
+
+
+def nothing_left(tool: JobTool, job: str, host: str = "h1") -> None:
+    assert tool.job_links(host, job) == []
+    assert not (tool.state_dir(host) / "jobs" / job).exists()
+    assert not (tool.run_dir(host) / "jobs" / job).exists()
+    assert not (tool.state_dir(host) / "work" / job).exists()
+    assert Path("/etc/hostname").exists()  # a planted link was not followed
+
+
+def store_keys(box: Sandbox, prefix: str) -> list[str]:
+    code = ("import json, os; from pathlib import Path; "
+            "from vcluster.config.batch import parse_batch; "
+            "from vcluster.config.source import load_yaml; from vcluster.store import open_store; "
+            "p = Path(os.environ['VCLUSTER_CONF']) / 'batch.yaml'; "
+            "s = open_store(parse_batch(load_yaml(p), p).store); "
+            f"print(json.dumps([e.key for e in s.get_prefix({prefix!r})]))")
+    keys: list[str] = json.loads(box.run([sys.executable, "-c", code]).stdout)
+    return keys

@@ -131,7 +131,10 @@ class Sandbox:
 
 
 def up(directory: Path, hosts: int = 3) -> Sandbox:
-    proc = vcluster("sandbox", "up", "--dir", str(directory), "--hosts", str(hosts))
+    from tests.support_images import images_dir
+
+    proc = vcluster("sandbox", "up", "--dir", str(directory), "--hosts", str(hosts),
+                    "--images", str(images_dir()))
     if proc.returncode != 0:
         raise AssertionError(f"vcluster sandbox up failed:\n{proc.stdout}\n{proc.stderr}")
     return Sandbox(directory)

@@ -19,7 +19,9 @@ from tests.support_agent import (
     cancel,
     epilog_ran,
     job_tool,
+    nothing_left,
     private,
+    store_keys,
     unix_users,
     wait_for,
 )
@@ -76,25 +78,6 @@ def stop_agent(box: Sandbox, host: str) -> None:
     proc = sandbox_state.process(f"agent@{host}")
     assert proc is not None
     process.stop_all([proc])
-
-
-def nothing_left(tool: JobTool, job: str, host: str = "h1") -> None:
-    assert tool.job_links(host, job) == []
-    assert not (tool.state_dir(host) / "jobs" / job).exists()
-    assert not (tool.run_dir(host) / "jobs" / job).exists()
-    assert not (tool.state_dir(host) / "work" / job).exists()
-    assert Path("/etc/hostname").exists()  # a planted link was not followed
-
-
-def store_keys(box: Sandbox, prefix: str) -> list[str]:
-    code = ("import json, os; from pathlib import Path; "
-            "from vcluster.config.batch import parse_batch; "
-            "from vcluster.config.source import load_yaml; from vcluster.store import open_store; "
-            "p = Path(os.environ['VCLUSTER_CONF']) / 'batch.yaml'; "
-            "s = open_store(parse_batch(load_yaml(p), p).store); "
-            f"print(json.dumps([e.key for e in s.get_prefix({prefix!r})]))")
-    keys: list[str] = json.loads(box.run([sys.executable, "-c", code]).stdout)
-    return keys
 
 
 def test_vm_resources_for_the_job_and_its_user_only(sandbox: Sandbox, tool: JobTool) -> None:

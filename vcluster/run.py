@@ -92,6 +92,7 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: StrPath | None = None,
     new_session: bool = False,
+    process_group: int | None = None,
     pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in the background (daemons, QEMU) and return its Popen."""
@@ -106,6 +107,7 @@ def spawn(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=new_session,
+            process_group=process_group,
             pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as e:

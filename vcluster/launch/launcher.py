@@ -12,7 +12,6 @@ import contextlib
 import getpass
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from vcluster.launch import sshkeys
 from vcluster.launch.progress import ProgressView
 from vcluster.launch.steps import RunnerStep
 from vcluster.lifecycle import VmState
+from vcluster.run import spawn
 from vcluster.store.base import Store, WatchEvent
 from vcluster.store.keys import Keys
 from vcluster.store.records import VmRecord, from_json, to_json
@@ -49,8 +49,15 @@ class LaunchOptions:
     verbose: bool = False
 
 
+WHY = {
+    signal.SIGTERM: "the job was cancelled or reached its time limit",
+    signal.SIGHUP: "the terminal hung up",
+}
+
+
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(f"stopping: received {signal.Signals(signum).name}")
+    name = signal.Signals(signum)
+    raise Interrupted(f"stopped the cluster: {WHY.get(name, 'interrupted')} ({name.name})")
 
 
 class Launcher:
@@ -135,6 +142,8 @@ class Launcher:
         if record.console_tail:
             text += "\n  console (last lines):\n" + "\n".join(
                 f"    {line}" for line in record.console_tail)
+        else:
+            text += "\n  console (last lines): none, the VM printed nothing"
         return ClusterFailed(text)
 
     # -- the user's part ------------------------------------------------------
@@ -153,14 +162,22 @@ class Launcher:
             else:
                 env["PS1"] = f"(vcluster {self.job}) $ "
                 argv = [shell, "-i"]
-            # The shell owns Ctrl-C now; the launcher still stops on TERM/HUP.
+            # The shell owns Ctrl-C now; the launcher still stops on TERM/HUP.  A command
+            # that is not on a terminal gets a process group of its own, so that stopping
+            # reaches everything it started.
+            own_group = not sys.stdin.isatty()
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                proc = subprocess.Popen(argv, env=env)
+                proc = spawn(argv, env=env, stdin=None, stdout=None, stderr=None,
+                             process_group=0 if own_group else None)
                 try:
                     return proc.wait()
                 except Interrupted:
-                    proc.terminate()
+                    if own_group:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGTERM)
+                    else:
+                        proc.send_signal(signal.SIGHUP)  # what a hung-up terminal does
                     raise
             finally:
                 signal.signal(signal.SIGINT, previous)
@@ -185,7 +202,7 @@ class Launcher:
             out.flush()
             return self.run_user_command()
         except KeyboardInterrupt as e:
-            raise Interrupted("stopping: interrupted") from e
+            raise Interrupted("stopped the cluster: interrupted (Ctrl-C)") from e
         finally:
             with contextlib.suppress(Interrupted, KeyboardInterrupt):
                 if step is not None:

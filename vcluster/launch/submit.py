@@ -44,7 +44,9 @@ def submit_alloc(args: list[str], *, cpus: int | None, command: str | None,
     options, definition = split_definition(args)
     config = load_config()
     plan = plan_cluster(config, definition, cpus_per_task=cpus)
-    argv = ["salloc", *options, f"--ntasks={len(plan.vms)}"]
+    # --kill-command: when the allocation is revoked (scancel, time limit), salloc
+    # signals the launcher, which stops the VMs; without it salloc just waits.
+    argv = ["salloc", *options, f"--ntasks={len(plan.vms)}", "--kill-command=TERM"]
     if cpus is not None:
         argv.append(f"--cpus-per-task={cpus}")
     if not _has_option(options, "-J", "--job-name"):

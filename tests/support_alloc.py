@@ -1,0 +1,215 @@
+"""Running ``vcluster alloc`` in the sandbox as a real unix user, and checking what is left.
+
+Users run the venv's vcluster (``sys.executable``; CI installs it where every
+user can read it).  Files the users need (templates, scripts, flags) live in a
+world-readable directory under /var/tmp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support_agent import JobTool, epilog_ran, nothing_left, store_keys, wait_for
+from tests.support_sandbox import Sandbox
+
+QGA_SCRIPT = r'''
+"""Run a shell command in a guest through its qemu-guest-agent socket; print its output."""
+import base64, json, socket, sys, time
+
+sock = socket.socket(socket.AF_UNIX)
+sock.settimeout(30)
+sock.connect(sys.argv[1])
+stream = sock.makefile("rw")
+
+def call(execute, **arguments):
+    stream.write(json.dumps({"execute": execute, "arguments": arguments}) + "\n")
+    stream.flush()
+    while True:
+        answer = json.loads(stream.readline())
+        if "return" in answer or "error" in answer:
+            return answer
+
+call("guest-sync", id=4242)
+pid = call("guest-exec", path="/bin/sh", arg=["-c", sys.argv[2]],
+           **{"capture-output": True})["return"]["pid"]
+for _ in range(300):
+    status = call("guest-exec-status", pid=pid)["return"]
+    if status["exited"]:
+        sys.stdout.write(base64.b64decode(status.get("out-data", "")).decode())
+        sys.exit(status.get("exitcode", 0))
+    time.sleep(0.1)
+sys.exit("the command did not finish in 30 s")
+'''
+
+_JOB = re.compile(r"vcluster: job (\d+): starting")
+
+
+@dataclass
+class Shared:
+    """A directory every test user can read: user configuration, scripts, flags."""
+
+    root: Path
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def flags(self) -> Path:
+        return self.root / "flags"
+
+    @property
+    def qga(self) -> Path:
+        return self.root / "qga.py"
+
+
+@contextlib.contextmanager
+def shared_dir(templates: str, files: dict[str, str]) -> Iterator[Shared]:
+    root = Path(tempfile.mkdtemp(prefix="vcluster-alloc-", dir="/var/tmp"))
+    try:
+        root.chmod(0o755)
+        shared = Shared(root)
+        shared.home.mkdir(mode=0o755)
+        (shared.home / "templates.yaml").write_text(templates)
+        for name, text in files.items():
+            (shared.home / name).write_text(text)
+            (shared.home / name).chmod(0o755)
+        shared.flags.mkdir()
+        shared.flags.chmod(0o1777)
+        shared.qga.write_text(QGA_SCRIPT)
+        shared.qga.chmod(0o644)
+        yield shared
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def alloc_argv(box: Sandbox, user: str, home: Path, args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "vcluster", "sandbox", "run", "--dir", str(box.directory),
+            "--user", user, "--", "env", f"VCLUSTER_HOME={home}", "vcluster", "alloc", *args]
+
+
+def alloc(box: Sandbox, user: str, home: Path, *args: str,
+          timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``vcluster alloc ARGS`` as ``user`` on the login node, to completion."""
+    return subprocess.run(alloc_argv(box, user, home, args), capture_output=True, text=True,
+                          timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+
+
+def job_of(output: str) -> str:
+    match = _JOB.search(output)
+    assert match, f"no job id in:\n{output}"
+    return match.group(1)
+
+
+@dataclass
+class BackgroundAlloc:
+    """``vcluster alloc`` running in the background; its output collected as it comes."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120) -> str:
+        wait_for("the cluster to be ready", lambda: " ready in " in self.output
+                 or self.proc.poll() is not None, timeout)
+        assert " ready in " in self.output, self.output
+        return job_of(self.output)
+
+    def finish(self, timeout: float = 120) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        return code
+
+
+@contextlib.contextmanager
+def background_alloc(box: Sandbox, user: str, home: Path, *args: str) -> Iterator[BackgroundAlloc]:
+    proc = subprocess.Popen(alloc_argv(box, user, home, args), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    running = BackgroundAlloc(proc)
+    try:
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(60)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def qemu_pids(job: str) -> list[int]:
+    """QEMU processes of ``job`` (their command lines name the job's work directory)."""
+    marker = f"/work/{job}/vm".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes()
+                if b"qemu-system" in cmdline and marker in cmdline:
+                    found.append(int(entry.name))
+    return found
+
+
+def runner_pid(job: str, index: int) -> int:
+    """The VM runner (``vcluster internal vm``) of VM ``index`` of ``job``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"internal" not in argv or b"vm" not in argv:
+                continue
+            env = dict(item.split(b"=", 1) for item in
+                       (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
+            if env.get(b"SLURM_JOB_ID") == job.encode() and \
+                    env.get(b"SLURM_PROCID") == str(index).encode():
+                return int(entry.name)
+    raise AssertionError(f"no runner of vm{index} of job {job}")
+
+
+def gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def assert_nothing_left(box: Sandbox, tool: JobTool, job: str, user: str,
+                        host: str = "h1") -> None:
+    """Once the epilog ran: no QEMU, device, region, undo log, work directory or key."""
+    wait_for(f"the epilog of job {job} on {host}",
+             lambda: epilog_ran(box, job, host) is not None, 60)
+    assert epilog_ran(box, job, host) == "ok"
+    wait_for(f"the QEMU processes of job {job} to end", lambda: qemu_pids(job) == [], 30)
+    nothing_left(tool, job, host)
+    assert store_keys(box, f"/vcluster/jobs/{job}/") == []
+    assert store_keys(box, f"/vcluster/users/{user}/clusters/{job}/") == []
+
+
+def touch(path: Path) -> None:
+    path.touch()
+    os.chmod(path, 0o666)

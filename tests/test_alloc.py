@@ -1,0 +1,298 @@
+"""``vcluster alloc`` for real: SLURM, agents, etcd, QEMU and cloud-init in the sandbox.
+
+Every test runs alloc as a unix user made for it, on the sandbox's login node,
+and ends by checking that the job left nothing behind once its epilog ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support_agent import JobTool, job_tool, unix_users, wait_for
+from tests.support_alloc import (
+    Shared,
+    alloc,
+    assert_nothing_left,
+    background_alloc,
+    job_of,
+    qemu_pids,
+    runner_pid,
+    shared_dir,
+    touch,
+)
+from tests.support_images import require_image
+from tests.support_sandbox import Sandbox, sandbox
+
+__all__ = ["sandbox"]
+
+pytestmark = [pytest.mark.slurm, pytest.mark.qemu, pytest.mark.images]
+
+ALICE, BOB = "vcalloc-alice", "vcalloc-bob"
+MARKER = "0x76636C31"
+
+FAM_SCRIPT = f"""#!/bin/sh
+# vm0 writes a marker through its BAR2 mapping; vm1 waits for it through its own.
+if [ "$(hostname)" = vm0 ]; then
+    fam write 0 {MARKER} && echo "fam-test: vm0 wrote {MARKER}"
+else
+    for i in $(seq 600); do
+        v=$(fam read 0)
+        if [ "$v" = {MARKER} ]; then echo "fam-test: vm1 read $v"; exit 0; fi
+        sleep 0.1
+    done
+    echo "fam-test: vm1 timed out"
+fi
+"""
+
+TEMPLATES = """\
+famtest:
+  inherits: tiny-fam
+  user-data: fam.sh
+broken:
+  inherits: tiny
+  qemu-args: [-nosuchoption]
+ghost:
+  inherits: tiny
+  image: nosuch
+"""
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[None]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (useradd)")
+    with unix_users(ALICE, BOB):
+        yield
+
+
+@pytest.fixture(scope="module")
+def shared(users: None) -> Iterator[Shared]:
+    require_image("tiny")
+    with shared_dir(TEMPLATES, {"fam.sh": FAM_SCRIPT}) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def tool(sandbox: Sandbox, users: None) -> Iterator[JobTool]:
+    with job_tool(sandbox) as made:
+        yield made
+
+
+def wait_flag(shared: Shared, name: str) -> str:
+    """A shell loop for -E scripts: wait (bounded) until the test touches flags/NAME."""
+    return f"for i in $(seq 600); do [ -e {shared.flags}/{name} ] && break; sleep 0.2; done"
+
+
+def test_tiny_fam_cluster_shares_memory_and_leaves_nothing(
+        sandbox: Sandbox, shared: Shared, tool: JobTool) -> None:
+    run_dir = sandbox.directory / "hosts" / "h1" / "run"
+    script = f"""set -e
+echo "job=$VCLUSTER_JOB_ID"
+vcluster ps
+for i in $(seq 100); do
+    vcluster console -l vm1 | grep -q "fam-test: vm1" && break
+    sleep 0.2
+done
+vcluster console -l vm0 | grep "fam-test:"
+vcluster console -l vm1 | grep "fam-test:"
+echo "host file: $(od -A n -t x4 -N 4 {run_dir}/jobs/$VCLUSTER_JOB_ID/fam/fam)"
+"""
+    proc = alloc(sandbox, ALICE, shared.home, "-c", "1", "-w", "h1", "-E", script, "famtest:2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    job = job_of(out)
+    assert f"job={job}" in out  # VCLUSTER_JOB_ID was set for the script
+    assert re.search(rf"^{job}\s+vcluster\s+2\s+2 ready\s+h1$", out, re.M), out
+    assert f"fam-test: vm0 wrote {MARKER}" in out
+    assert f"fam-test: vm1 read {MARKER}" in out
+    assert f"host file:  {MARKER[2:].lower()}" in out
+    assert f"vcluster: job {job}: stopped" in out
+    assert_nothing_left(sandbox, tool, job, ALICE)
+
+
+def test_debian_cloud_init_applies_the_seed(sandbox: Sandbox, shared: Shared,
+                                            tool: JobTool) -> None:
+    require_image("debian")
+    work = sandbox.directory / "hosts" / "h1" / "state" / "work"
+    pubkey = (f"{sys.executable} -c \"import getpass; from vcluster.cli.common import "
+              "load_config; from vcluster.store.session import open_user_store; "
+              "from vcluster.store.keys import Keys; c = load_config(); "
+              "s = open_user_store(c.batch); k = Keys(c.batch.store.prefix).cluster_key("
+              "getpass.getuser(), '$VCLUSTER_JOB_ID', 'id_ed25519.pub'); "
+              "print('cluster key:', s.get(k).value)\"")
+    guest = "echo hostname: $(hostname); cat /etc/hosts; cat /home/*/.ssh/authorized_keys"
+    script = f"""set -e
+{pubkey}
+srun --overlap -w h1 -n1 {sys.executable} {shared.qga} {work}/$VCLUSTER_JOB_ID/vm0/qga.sock \
+    '{guest}'
+"""
+    proc = alloc(sandbox, ALICE, shared.home, "-c", "1", "-w", "h1", "-E", script, "debian:1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    job = job_of(out)
+    key = re.search(r"^cluster key: (ssh-ed25519 \S+)", out, re.M)
+    assert key, out
+    assert "hostname: vm0" in out
+    assert re.search(r"^10\.200\.0\.1\s+vm0\b", out, re.M), out  # /etc/hosts lists the cluster
+    authorized = [line for line in out.splitlines() if line.startswith("ssh-ed25519 ")]
+    assert any(line.split()[1] == key.group(1).split()[1] for line in authorized), out
+    assert_nothing_left(sandbox, tool, job, ALICE)
+
+
+def test_missing_image_is_refused_before_submitting(sandbox: Sandbox, shared: Shared) -> None:
+    proc = alloc(sandbox, ALICE, shared.home, "-c", "1", "ghost:1", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"vcluster: error: {shared.home}/templates.yaml:9: ghost.image: image 'nosuch' not "
+        f"found in {shared.home}/images, {sandbox_images()} (images there: debian, tiny); "
+        "build one with: vcluster image build RECIPE"]
+    assert "salloc" not in proc.stdout + proc.stderr
+    assert sandbox.run(["squeue", "-h", "-u", ALICE]).stdout.strip() == ""
+
+
+def sandbox_images() -> Path:
+    from tests.support_images import images_dir
+
+    return images_dir()
+
+
+def test_qemu_that_cannot_start_fails_fast_and_leaves_nothing(
+        sandbox: Sandbox, shared: Shared, tool: JobTool) -> None:
+    proc = alloc(sandbox, ALICE, shared.home, "-c", "1", "-w", "h1", "-E", "true", "broken:1",
+                 timeout=90)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert ("vcluster: error: vm0 failed on h1: QEMU exited with status 1: "
+            "qemu-system-x86_64: -nosuchoption: invalid option") in out
+    assert "console (last lines):" in out
+    assert_nothing_left(sandbox, tool, job_of(out), ALICE)
+
+
+def test_scancel_of_a_running_allocation_leaves_nothing(
+        sandbox: Sandbox, shared: Shared, tool: JobTool) -> None:
+    with background_alloc(sandbox, ALICE, shared.home, "-c", "1", "-w", "h1", "-E",
+                          "sleep 600", "tiny:2") as running:
+        job = running.wait_ready()
+        assert len(qemu_pids(job)) == 2
+        sandbox.run(["scancel", job])
+        code = running.finish(90)
+    assert code != 0, running.output
+    assert_nothing_left(sandbox, tool, job, ALICE)
+
+
+def test_killed_runner_takes_its_qemu_and_the_job_ends_clean(
+        sandbox: Sandbox, shared: Shared, tool: JobTool) -> None:
+    with background_alloc(sandbox, ALICE, shared.home, "-c", "1", "-w", "h1", "-E",
+                          f"{wait_flag(shared, 'kill9')}; vcluster ps", "tiny:2") as running:
+        job = running.wait_ready()
+        pids = qemu_pids(job)
+        assert len(pids) == 2
+        os.kill(runner_pid(job, 1), signal.SIGKILL)
+        wait_for("vm1's QEMU to die with its runner", lambda: len(qemu_pids(job)) == 1, 15)
+        touch(shared.flags / "kill9")
+        code = running.finish(120)
+    assert code == 0, running.output
+    assert_nothing_left(sandbox, tool, job, ALICE)
+
+
+def test_agent_restarted_mid_job_keeps_its_resources(
+        sandbox: Sandbox, shared: Shared, tool: JobTool) -> None:
+    from vcluster.sandbox import agents, state
+
+    with background_alloc(sandbox, ALICE, shared.home, "-c", "1", "-w", "h1", "-E",
+                          f"{wait_flag(shared, 'restart')}; vcluster ps", "tiny-fam:1") as running:
+        job = running.wait_ready()
+        links = tool.job_links("h1", job)
+        region = tool.run_dir("h1") / "jobs" / job / "fam" / "fam"
+        assert links and region.exists()
+        agents.restart(state.require(sandbox.directory), "h1")
+        wait_for("the restarted agent", lambda: tool.agent("h1", "ping", check=False)
+                 .returncode == 0, 20)
+        assert tool.job_links("h1", job) == links
+        assert region.exists() and len(qemu_pids(job)) == 1
+        touch(shared.flags / "restart")
+        code = running.finish(120)
+    assert code == 0, running.output
+    assert re.search(rf"^{job}\s+vcluster\s+1\s+1 ready\s+h1$", running.output, re.M)
+    assert_nothing_left(sandbox, tool, job, ALICE)
+
+
+INTRUDER = r'''
+import json, os, socket, sys
+from vcluster.agent.client import AgentClient, AgentError, socket_path
+from vcluster.cli.common import load_config
+from vcluster.errors import StorePermissionDenied
+from vcluster.store.keys import Keys
+from vcluster.store.session import open_user_store
+
+job, owner, work, fam = sys.argv[1:5]
+results = {}
+for name in ("console.sock", "qmp.sock"):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(os.path.join(work, "vm0", name))
+        results[name] = "connected"
+    except OSError as e:
+        results[name] = e.strerror
+try:
+    open(fam, "rb").close()
+    results["fam"] = "opened"
+except OSError as e:
+    results["fam"] = e.strerror
+config = load_config()
+store = open_user_store(config.batch)
+try:
+    store.get(Keys(config.batch.store.prefix).cluster_key(owner, job, "id_ed25519"))
+    results["keys"] = "read"
+except StorePermissionDenied as e:
+    results["keys"] = "denied: " + str(e)
+try:
+    AgentClient(socket_path(config.batch.directories.run)).vm_resources(job, 0, [], None)
+    results["agent"] = "granted"
+except AgentError as e:
+    results["agent"] = e.code + ": " + str(e)
+print(json.dumps(results))
+'''
+
+
+def test_another_user_cannot_reach_the_cluster(sandbox: Sandbox, shared: Shared,
+                                               tool: JobTool) -> None:
+    intruder = shared.root / "intruder.py"
+    intruder.write_text(INTRUDER)
+    intruder.chmod(0o644)
+    with background_alloc(sandbox, ALICE, shared.home, "-c", "1", "-w", "h1", "-E",
+                          wait_flag(shared, "isolation"), "tiny-fam:1") as running:
+        job = running.wait_ready()
+        work = tool.state_dir("h1") / "work" / job
+        fam = tool.run_dir("h1") / "jobs" / job / "fam" / "fam"
+        # Through vcluster: bob's store has no such cluster.
+        console = sandbox.run(["vcluster", "console", "-j", job, "vm0"], user=BOB, check=False)
+        assert console.returncode == 2
+        assert f"-j {job}: you have no cluster in job {job}" in console.stderr
+        # Through SLURM directly: not bob's job.
+        step = sandbox.run(["srun", f"--jobid={job}", "--overlap", "-w", "h1", "true"],
+                           user=BOB, check=False)
+        assert step.returncode != 0
+        assert "Access/permission denied" in step.stderr or "not" in step.stderr, step.stderr
+        # On the VM's host: sockets, the FAM region, the store, the agent.
+        proc = sandbox.run([sys.executable, str(intruder), job, ALICE, str(work), str(fam)],
+                           host="h1", user=BOB)
+        results: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert results["console.sock"] == "Permission denied"
+        assert results["qmp.sock"] == "Permission denied"
+        assert results["fam"] == "Permission denied"
+        assert results["keys"].startswith("denied: ")
+        assert results["agent"].startswith("denied: ")
+        assert f"is not part of job {job} on h1" in results["agent"]
+        touch(shared.flags / "isolation")
+        assert running.finish(120) == 0, running.output
+    assert_nothing_left(sandbox, tool, job, ALICE)
