@@ -26,14 +26,17 @@ READY = "vcluster-tiny: ready"
 DEFAULT_IMAGES = Path(os.environ.get("VCLUSTER_TEST_IMAGES", "/var/cache/vcluster-test/images"))
 
 
-def boot_once(image: Image, accel: str, workdir: Path, index: int, timeout: float) -> float:
-    assert image.kernel is not None and image.initrd is not None
+def bench_seed(workdir: Path, index: int) -> Path:
+    """A NoCloud seed like a VM's (the tiny image's init reads it before its ready line)."""
     seed = workdir / f"seed{index}.iso"
-    log = workdir / f"console{index}.log"
     write_seed(seed, meta_data=meta_data(f"bench-{index}", f"bench{index}"), user_data="")
-    spec = VmSpec(name=f"bench{index}", accel=accel, memory=256 << 20, cpus=1,
-                  kernel=image.kernel, initrd=image.initrd, append=image.info.append,
-                  seed=seed, serial_log=log)
+    return seed
+
+
+def boot_to_ready(spec: VmSpec, timeout: float, interval: float = 0.02) -> float:
+    """Seconds from QEMU's start to the ready line in ``spec.serial_log``; QEMU is killed then."""
+    log = spec.serial_log
+    assert log is not None
     start = time.monotonic()
     proc = spawn(build_argv(spec))
     try:
@@ -42,11 +45,19 @@ def boot_once(image: Image, accel: str, workdir: Path, index: int, timeout: floa
                 return time.monotonic() - start
             if proc.poll() is not None:
                 raise SystemExit(f"QEMU exited with status {proc.returncode} before {READY!r}")
-            time.sleep(0.05)
+            time.sleep(interval)
         raise SystemExit(f"no {READY!r} after {timeout:g} s; see {log}")
     finally:
         proc.kill()
         proc.wait()
+
+
+def boot_once(image: Image, accel: str, workdir: Path, index: int, timeout: float) -> float:
+    assert image.kernel is not None and image.initrd is not None
+    spec = VmSpec(name=f"bench{index}", accel=accel, memory=256 << 20, cpus=1,
+                  kernel=image.kernel, initrd=image.initrd, append=image.info.append,
+                  seed=bench_seed(workdir, index), serial_log=workdir / f"console{index}.log")
+    return boot_to_ready(spec, timeout)
 
 
 def main() -> None:

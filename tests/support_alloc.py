@@ -213,3 +213,20 @@ def assert_nothing_left(box: Sandbox, tool: JobTool, job: str, user: str,
 def touch(path: Path) -> None:
     path.touch()
     os.chmod(path, 0o666)
+
+
+def alloc_pid(user: str) -> int:
+    """The ``vcluster alloc`` process of ``user`` (there is one at a time in these tests)."""
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat().st_uid != uid:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"alloc" in argv and any(a.endswith(b"vcluster") for a in argv):
+                return int(entry.name)
+    raise AssertionError(f"no vcluster alloc process of {user}")

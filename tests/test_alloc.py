@@ -21,6 +21,7 @@ from tests.support_agent import JobTool, job_tool, unix_users, wait_for
 from tests.support_alloc import (
     Shared,
     alloc,
+    alloc_pid,
     assert_nothing_left,
     background_alloc,
     job_of,
@@ -186,6 +187,20 @@ def test_scancel_of_a_running_allocation_leaves_nothing(
         sandbox.run(["scancel", job])
         code = running.finish(90)
     assert code != 0, running.output
+    assert_nothing_left(sandbox, tool, job, ALICE)
+
+
+def test_sigterm_to_alloc_stops_the_cluster(sandbox: Sandbox, shared: Shared,
+                                            tool: JobTool) -> None:
+    with background_alloc(sandbox, ALICE, shared.home, "-c", "1", "-w", "h1", "-E",
+                          "sleep 600", "tiny:1") as running:
+        job = running.wait_ready()
+        os.kill(alloc_pid(ALICE), signal.SIGTERM)
+        code = running.finish(90)
+    assert code == 130, running.output
+    assert f"vcluster: job {job}: stopped" in running.output
+    assert "stopped the cluster: the job was cancelled or reached its time limit (SIGTERM)" \
+        in running.output
     assert_nothing_left(sandbox, tool, job, ALICE)
 
 

@@ -32,17 +32,6 @@ COMMANDS: dict[str, str] = {
 log = logging.getLogger("vcluster")
 
 
-class UserError(click.ClickException):
-    """A VclusterError on its way to the terminal."""
-
-    def __init__(self, error: VclusterError) -> None:
-        super().__init__(str(error))
-        self.exit_code = error.exit_code
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"vcluster: error: {self.message}", err=True)
-
-
 class LazyGroup(click.Group):
     """A group whose subcommands are imported on demand from ``lazy`` specs."""
 
@@ -66,7 +55,8 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except VclusterError as e:
             log.debug("error details", exc_info=True)
-            raise UserError(e) from e
+            click.echo(f"vcluster: error: {e}", err=True)
+            ctx.exit(e.exit_code)
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 from vcluster.errors import InputError
 from vcluster.run import spawn
@@ -58,11 +59,22 @@ def submit_alloc(args: list[str], *, cpus: int | None, command: str | None,
         argv += ["--command", command]
     if verbose:
         argv.append("--verbose")
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # salloc and the launcher handle it
+    # Ctrl-C reaches salloc and the launcher from the terminal; TERM and HUP sent to alloc
+    # alone are passed on to salloc, which revokes the allocation and so has the launcher
+    # stop the VMs (--kill-command).
+    proc = spawn(argv, stdin=None, stdout=None, stderr=None)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                signal.SIGHUP: signal.signal(signal.SIGHUP, forward)}
     try:
-        proc = spawn(argv, stdin=None, stdout=None, stderr=None)
         return proc.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         with contextlib.suppress(OSError):
             plan_path.unlink()  # salloc failed before the launcher could take it
