@@ -34,6 +34,14 @@ def write_tree(base: Path, files: Mapping[str, str]) -> Path:
     return base
 
 
+def require_root(why: str) -> None:
+    """Skip a test that needs root when run by hand; in CI (CI=true) that is a failure."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run as root: {why}")
+        pytest.skip(f"needs root: {why}")
+
+
 @pytest.fixture
 def conf(tmp_path: Path) -> dict[str, str]:
     """Environment pointing vcluster at empty system and user directories under tmp_path."""

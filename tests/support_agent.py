@@ -201,9 +201,15 @@ def unix_users(*names: str) -> Iterator[list[pwd.struct_passwd]]:
 _GRANTED = re.compile(r"Granted job allocation (\d+)")
 
 
-def allocate(box: Sandbox, user: str, host: str = "h1") -> str:
-    """A job of ``user`` holding ``host`` (salloc --no-shell); its id."""
-    proc = box.run(["salloc", "--no-shell", "-N1", "-w", host, "-J", "agent-test"], user=user)
+def allocate(box: Sandbox, user: str, host: str = "h1", ntasks: int = 1) -> str:
+    """A job of ``user`` holding ``host`` with ``ntasks`` tasks (salloc --no-shell); its id.
+
+    More than one task is allocated with ``--overcommit`` (one CPU for all of them), so
+    other tests' jobs still fit on the sandbox's small hosts; NumTasks is ``ntasks``.
+    """
+    overcommit = ["--overcommit"] if ntasks > 1 else []
+    proc = box.run(["salloc", "--no-shell", "-N1", f"--ntasks={ntasks}", *overcommit, "-w",
+                    host, "-J", "agent-test"], user=user)
     match = _GRANTED.search(proc.stderr + proc.stdout)
     assert match, proc.stderr
     return match.group(1)
@@ -238,12 +244,62 @@ def nothing_left(tool: JobTool, job: str, host: str = "h1") -> None:
     assert Path("/etc/hostname").exists()  # a planted link was not followed
 
 
+_OPEN_STORE = ("import json, os; from pathlib import Path; "
+               "from vcluster.config.batch import parse_batch; "
+               "from vcluster.config.source import load_yaml; "
+               "from vcluster.store import open_store; "
+               "p = Path(os.environ['VCLUSTER_CONF']) / 'batch.yaml'; "
+               "s = open_store(parse_batch(load_yaml(p), p).store); ")
+
+
 def store_keys(box: Sandbox, prefix: str) -> list[str]:
-    code = ("import json, os; from pathlib import Path; "
-            "from vcluster.config.batch import parse_batch; "
-            "from vcluster.config.source import load_yaml; from vcluster.store import open_store; "
-            "p = Path(os.environ['VCLUSTER_CONF']) / 'batch.yaml'; "
-            "s = open_store(parse_batch(load_yaml(p), p).store); "
-            f"print(json.dumps([e.key for e in s.get_prefix({prefix!r})]))")
+    code = _OPEN_STORE + f"print(json.dumps([e.key for e in s.get_prefix({prefix!r})]))"
     keys: list[str] = json.loads(box.run([sys.executable, "-c", code]).stdout)
     return keys
+
+
+def put_keys(box: Sandbox, values: dict[str, str]) -> None:
+    """Write ``values`` (key: value) into the sandbox's store, as root."""
+    code = _OPEN_STORE + f"[s.put(k, v) for k, v in {values!r}.items()]"
+    box.run([sys.executable, "-c", code])
+
+
+HOLD_SCRIPT = r'''
+"""Open N connections to the agent and send nothing: what got "busy" at once, and later."""
+import json, select, socket, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    socks.append(s)
+time.sleep(1.0)
+ready, _, _ = select.select(socks, [], [], 0)
+busy = [json.loads(s.recv(4096)) for s in ready]
+print(json.dumps({"busy": len(busy), "first": busy[0] if busy else None}), flush=True)
+rest = [s for s in socks if s not in ready]
+answers, deadline = [], time.monotonic() + 40
+while rest and time.monotonic() < deadline:
+    got, _, _ = select.select(rest, [], [], 1)
+    for s in got:
+        answers.append(json.loads(s.recv(4096)))
+        rest.remove(s)
+print(json.dumps({"answered": len(answers), "sample": answers[0] if answers else None,
+                  "left": len(rest)}), flush=True)
+'''
+
+
+@contextlib.contextmanager
+def idle_clients(socket_path: Path, user: str, count: int) -> Iterator[subprocess.Popen[str]]:
+    """``count`` connections of ``user`` that send nothing (a process of the test, by PID)."""
+    proc = subprocess.Popen(["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+                             SYSTEM_PYTHON, "-c", HOLD_SCRIPT, str(socket_path), str(count)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

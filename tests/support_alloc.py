@@ -190,14 +190,6 @@ def runner_pid(job: str, index: int) -> int:
     raise AssertionError(f"no runner of vm{index} of job {job}")
 
 
-def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 def assert_nothing_left(box: Sandbox, tool: JobTool, job: str, user: str,
                         host: str = "h1") -> None:
     """Once the epilog ran: no QEMU, device, region, undo log, work directory or key."""
@@ -230,3 +222,19 @@ def alloc_pid(user: str) -> int:
             if b"alloc" in argv and any(a.endswith(b"vcluster") for a in argv):
                 return int(entry.name)
     raise AssertionError(f"no vcluster alloc process of {user}")
+
+
+def launcher_pid(job: str) -> int:
+    """The launcher (``vcluster internal launcher``) of ``job``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"launcher" not in argv or b"internal" not in argv:
+                continue
+            env = dict(item.split(b"=", 1) for item in
+                       (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
+            if env.get(b"SLURM_JOB_ID") == job.encode():
+                return int(entry.name)
+    raise AssertionError(f"no launcher of job {job}")

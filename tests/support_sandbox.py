@@ -150,8 +150,9 @@ def down(directory: Path, pids: Sequence[int] = ()) -> subprocess.CompletedProce
 @contextlib.contextmanager
 def running_sandbox(directory: Path, hosts: int = 3) -> Iterator[Sandbox]:
     """A sandbox for the duration of the block, torn down even if the block fails."""
-    if os.geteuid() != 0:
-        pytest.skip("the sandbox needs root")
+    from tests.conftest import require_root
+
+    require_root("the sandbox makes namespaces and runs SLURM's daemons")
     become_subreaper()
     pids: list[int] = []
     try:

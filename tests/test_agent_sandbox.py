@@ -18,9 +18,11 @@ from tests.support_agent import (
     allocate,
     cancel,
     epilog_ran,
+    idle_clients,
     job_tool,
     nothing_left,
     private,
+    put_keys,
     store_keys,
     unix_users,
     wait_for,
@@ -45,10 +47,22 @@ def users() -> Iterator[list[Any]]:
         yield made
 
 
+# A second private network in h1's site policy, for this module (restored afterwards).
+DATA_NETWORK = "\ndata:\n  type: private\n  subnet: 10.201.0.0/16\n  mtu: 9000\n"
+
+
 @pytest.fixture(scope="module")
 def tool(sandbox: Sandbox, users: list[Any]) -> Iterator[JobTool]:
-    with job_tool(sandbox) as made:
-        yield made
+    networks = sandbox.conf("h1") / "networks.yaml"
+    original = networks.read_text()
+    networks.write_text(original + DATA_NETWORK)
+    try:
+        restart_agent(sandbox, "h1")  # the agent reads its policy when it starts
+        with job_tool(sandbox) as made:
+            yield made
+    finally:
+        networks.write_text(original)
+        restart_agent(sandbox, "h1")
 
 
 def agent_pid(box: Sandbox, host: str) -> int:
@@ -81,7 +95,7 @@ def stop_agent(box: Sandbox, host: str) -> None:
 
 
 def test_vm_resources_for_the_job_and_its_user_only(sandbox: Sandbox, tool: JobTool) -> None:
-    job = allocate(sandbox, USER_A)
+    job = allocate(sandbox, USER_A, ntasks=2)
     try:
         uid_a = tool.box.run(["id", "-u", USER_A]).stdout.strip()
         nets = [private("cluster", 1450), private("data", 9000)]
@@ -329,3 +343,130 @@ def test_hosts_registered_under_a_lease(sandbox: Sandbox, tool: JobTool) -> None
     assert keys == [f"/vcluster/hosts/{h}" for h in sandbox.hosts]  # not ctl: no SLURM host
     status = json.loads(tool.agent("h2", "status", "--json").stdout)
     assert status["registered"] is True and status["node"] == "h2"
+
+
+def test_site_limits_are_enforced_by_the_agent(sandbox: Sandbox, tool: JobTool) -> None:
+    job = allocate(sandbox, USER_A, ntasks=2)
+    conf = sandbox.conf("h1")
+    try:
+        regions = [{"vm": 0, "networks": [], "fam": {"name": f"r{i}", "size": MIB}}
+                   for i in range(9)]
+        answers = tool.step(USER_A, job, [
+            {"vm": 0, "networks": [], "fam": {"name": "huge", "size": 2 << 30}},
+            {"vm": 0, "networks": [private("evil")]},
+            {"vm": 0, "networks": [{"name": "nat", "type": "private"}]},
+            {"vm": 0, "networks": [private("cluster", 9000)]},
+            {"vm": 2, "networks": [private("cluster")]},
+            {"vm": 1, "networks": [{"name": "data", "type": "private"}]},  # mtu: the site's
+            *regions,
+        ])
+        huge, evil, nat, mtu, index, data, *made = answers
+        assert huge["code"] == "denied"
+        assert "fam.size: region 'huge' of 2G is more than 1G, the largest fam.max-size of " \
+            f"this site (fam.max-size of resource set 'default' at {conf}/resources.yaml:" \
+            in huge["error"]
+        assert evil["code"] == "denied"
+        assert f"network 'evil' is not defined in {conf}/networks.yaml (private networks " \
+            "there: cluster, data)" in evil["error"]
+        assert nat["code"] == "denied" and "'nat' is a nat network" in nat["error"]
+        assert mtu["code"] == "bad-request"
+        assert f"mtu: 9000 differs from the MTU 1450 that {conf}/networks.yaml:" in mtu["error"]
+        assert index["code"] == "denied"
+        assert f"vm: 2 is not below the task count of job {job} (2;" in index["error"]
+        assert "error" not in data, data
+        assert tool.links("h1")[data["taps"][0]["ifname"]]["mtu"] == 9000
+        *eight, ninth = made
+        assert all("error" not in r for r in eight), eight
+        assert ninth["code"] == "denied"
+        assert "a job may have at most 8 (MAX_REGIONS of the vcluster agent)" in ninth["error"]
+        assert not (tool.run_dir("h1") / "jobs" / job / "fam" / "r8").exists()
+        assert not (tool.run_dir("h1") / "jobs" / job / "fam" / "huge").exists()
+        # Nothing was made for the refused networks.
+        assert tool.job_links("h1", job) == sorted([netdev.bridge_name(job, 0),
+                                                    netdev.tap_name(job, 1, 0)])
+    finally:
+        cancel(sandbox, job)
+    wait_for(f"the epilog of job {job}", lambda: epilog_ran(sandbox, job) is not None)
+    nothing_left(tool, job)
+
+
+def test_epilog_removes_cluster_keys_without_an_undo_log(sandbox: Sandbox,
+                                                        tool: JobTool) -> None:
+    # The agent of h2 is down when the job starts: no prolog record, no undo log there,
+    # and no runner ever reaches it. A launcher (killed) left the cluster's keys.
+    stop_agent(sandbox, "h2")
+    try:
+        job = allocate(sandbox, USER_A, host="h2")
+    finally:
+        restart_agent(sandbox, "h2")
+    try:
+        assert not (tool.state_dir("h2") / "jobs" / job).exists()
+        cluster = f"/vcluster/users/{USER_A}/clusters/{job}/"
+        put_keys(sandbox, {cluster + "spec": "{}", cluster + "keys/id_ed25519": "PRIVATE",
+                           f"/vcluster/jobs/{job}/owner": "{}"})
+        other = f"/vcluster/users/{USER_A}/clusters/{int(job) + 100000}/spec"
+        put_keys(sandbox, {other: "{}"})  # another job's: kept
+    finally:
+        cancel(sandbox, job)
+    wait_for(f"the epilog of job {job}", lambda: epilog_ran(sandbox, job, "h2") is not None)
+    assert epilog_ran(sandbox, job, "h2") == "ok"
+    assert store_keys(sandbox, cluster) == []
+    assert store_keys(sandbox, f"/vcluster/jobs/{job}/") == []
+    assert store_keys(sandbox, other) == [other]
+    out = tool.agent("h2", "release", str(int(job) + 100000), "--user", USER_A).stdout
+    assert "nothing to remove" in out  # idempotent, and said so
+    assert store_keys(sandbox, other) == []
+    assert not (tool.state_dir("h2") / "jobs" / job).exists()
+    # Only root may name a user.
+    (refused,) = tool.outside(USER_A, job, [{"op": "release",
+                                              "fields": {"job": job, "user": USER_B}}])
+    assert refused["code"] == "denied"
+
+
+def test_a_live_agents_socket_is_not_taken_over(sandbox: Sandbox, tool: JobTool) -> None:
+    socket_path = tool.socket("h1")
+    before = socket_path.stat().st_ino
+    second = tool.agent("h1", "--config", str(sandbox.conf("h1")), "serve", "--node", "h1",
+                        "--no-register", check=False)
+    assert second.returncode != 0
+    assert f"another agent answers on {socket_path}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert socket_path.stat().st_ino == before
+    assert json.loads(tool.agent("h1", "ping").stdout)["host"] == "h1"
+    # A node name SLURM does not know: refused at start-up, before touching the socket.
+    unknown = tool.agent("h3", "--config", str(sandbox.conf("h3")), "serve", "--node",
+                         "nosuch", check=False)
+    assert unknown.returncode != 0
+    assert "SLURM knows no node 'nosuch'" in unknown.stderr
+    assert "--login-node" in unknown.stderr
+    assert json.loads(tool.agent("h3", "ping").stdout)["host"] == "h3"
+
+
+def test_idle_clients_do_not_block_root(sandbox: Sandbox, tool: JobTool) -> None:
+    from vcluster.agent import server
+
+    path = tool.socket("h1")
+    with idle_clients(path, USER_A, 40) as a, idle_clients(path, USER_B, 40) as b:
+        assert a.stdout is not None and b.stdout is not None
+        first_a, first_b = json.loads(a.stdout.readline()), json.loads(b.stdout.readline())
+        # 32 per user, 64 of all users: the rest is told "busy" at once.
+        assert first_a["busy"] == 40 - server.MAX_PER_UID, first_a
+        assert first_a["first"]["code"] == "busy"
+        assert first_b["busy"] == 40 - (server.MAX_CONNECTIONS - server.MAX_PER_UID), first_b
+        # Root still gets through, at once.
+        start = time.monotonic()
+        status = json.loads(tool.agent("h1", "status", "--json").stdout)
+        tool.agent("h1", "release", "999999")
+        took = time.monotonic() - start
+        assert status["node"] == "h1" and took < 8, took
+        (busy,) = tool.outside(USER_A, "1", [{"op": "ping"}])
+        assert busy["code"] == "busy"
+        # The idle ones are cut off after the read deadline, all of them.
+        later_a, later_b = json.loads(a.stdout.readline()), json.loads(b.stdout.readline())
+    for later, count in ((later_a, server.MAX_PER_UID),
+                         (later_b, server.MAX_CONNECTIONS - server.MAX_PER_UID)):
+        assert later["answered"] == count and later["left"] == 0, later
+        assert f"no complete request within {server.READ_DEADLINE:g} s" in \
+            later["sample"]["error"]
+    (ping,) = tool.outside(USER_A, "1", [{"op": "ping"}])
+    assert ping["ok"] is True

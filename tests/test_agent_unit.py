@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from vcluster.agent import client, fam, netdev, protocol, undo
 from vcluster.agent.protocol import Code, Refusal
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "etc" / "vcluster"
 
 
 def refusal(line: object) -> Refusal:
@@ -178,14 +180,17 @@ def served(tmp_path: Path) -> Iterator[Path]:
     """A real agent server on a temporary socket (no SLURM, no store needed for these ops)."""
     from vcluster.agent.jobs import Jobs, Settings
     from vcluster.agent.peer import Slurm
+    from vcluster.agent.policy import load_policy
     from vcluster.agent.registration import StoreLink
     from vcluster.agent.server import AgentServer
     from vcluster.agent.service import Agent
     from vcluster.config.batch import StoreConfig
 
     link = StoreLink(StoreConfig(endpoints=("http://127.0.0.1:9",)))
-    jobs = Jobs(Settings(node="unit", state=tmp_path / "state", run=tmp_path / "run"), link)
-    server = AgentServer(tmp_path / "run" / "agent.sock", Agent(jobs, Slurm("unit"), link))
+    jobs = Jobs(Settings(node="unit", state=tmp_path / "state", run=tmp_path / "run"), link,
+                load_policy(SAMPLES))
+    server = AgentServer(tmp_path / "run" / "agent.sock", Agent(jobs, Slurm("unit"), link),
+                         max_connections=1, max_per_uid=1, root_reserve=1)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -227,3 +232,229 @@ def test_cli_help_and_bad_config(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "batch.yaml:2" in proc.stderr
     assert "rnu" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ the site's limits
+
+def test_optional_mtu_and_release_user_parse() -> None:
+    parsed = protocol.parse(json.dumps({
+        "version": 1, "op": "vm-resources", "job": "5", "vm": 0,
+        "networks": [{"name": "cluster", "type": "private"}]}).encode())
+    assert isinstance(parsed, protocol.VmResources)
+    assert parsed.networks == (protocol.NetworkSpec("cluster", "private", None),)
+    assert protocol.parse(b'{"version":1,"op":"release","job":"7","user":"alice"}') == \
+        protocol.Release("7", "alice")
+    error = refusal({"version": 1, "op": "release", "job": "7", "user": "../x"})
+    assert error.code is Code.BAD_REQUEST and "user: '../x' is not a user name" in str(error)
+
+
+def write_site(directory: Path, max_size: str = "64M") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "networks.yaml").write_text(
+        "cluster:\n  type: private\n  subnet: 10.200.0.0/16\n  mtu: 1450\n"
+        "data:\n  type: private\n  subnet: 10.201.0.0/16\n  mtu: 9000\n"
+        "nat:\n  type: nat\n  subnet: 10.250.0.0/24\n")
+    (directory / "resources.yaml").write_text(
+        "small:\n  networks: [cluster]\n  fam:\n    max-size: 16M\n    default-size: 16M\n"
+        f"big:\n  networks: [cluster, data]\n  fam:\n    max-size: {max_size}\n"
+        "    default-size: 16M\n")
+    return directory
+
+
+def vm_request(vm: int = 0, networks: tuple[protocol.NetworkSpec, ...] = (),
+               fam_size: int | None = None) -> protocol.VmResources:
+    fam_spec = None if fam_size is None else protocol.FamSpec("fam", fam_size)
+    return protocol.VmResources("42", vm, networks, fam_spec)
+
+
+def jobs_with(policy_dir: Path, tmp_path: Path) -> object:
+    from vcluster.agent.jobs import Jobs, Settings
+    from vcluster.agent.policy import load_policy
+    from vcluster.agent.registration import StoreLink
+    from vcluster.config.batch import StoreConfig
+
+    link = StoreLink(StoreConfig(endpoints=("http://127.0.0.1:9",)))
+    return Jobs(Settings(node="unit", state=tmp_path / "state", run=tmp_path / "run"), link,
+                load_policy(policy_dir))
+
+
+def test_site_policy_decides_networks_mtus_and_fam_sizes(tmp_path: Path) -> None:
+    from vcluster.agent.jobs import Jobs
+    from vcluster.agent.peer import JobInfo
+
+    site = write_site(tmp_path / "conf")
+    jobs = jobs_with(site, tmp_path)
+    assert isinstance(jobs, Jobs)
+    info = JobInfo(job="42", uid=1000, user="alice", state="RUNNING", nodes="h1", tasks=2)
+    cluster, data = (protocol.NetworkSpec("cluster", "private", None),
+                     protocol.NetworkSpec("data", "private", 9000))
+    assert jobs.check(vm_request(1, (cluster, data), 64 << 20), info) == \
+        {"cluster": 1450, "data": 9000}
+
+    def refused(request: protocol.VmResources, job: JobInfo = info) -> Refusal:
+        with pytest.raises(Refusal) as caught:
+            jobs.check(request, job)
+        assert "\n" not in str(caught.value)
+        return caught.value
+
+    over = refused(vm_request(0, (), 128 << 20))
+    assert over.code is Code.DENIED
+    assert "128M is more than 64M, the largest fam.max-size of this site" in str(over)
+    assert f"resource set 'big' at {site / 'resources.yaml'}:7" in str(over)
+    unknown = refused(vm_request(0, (protocol.NetworkSpec("evil", "private", 1500),)))
+    assert unknown.code is Code.DENIED
+    assert "networks[0].name: network 'evil' is not defined in " \
+        f"{site / 'networks.yaml'} (private networks there: cluster, data)" in str(unknown)
+    nat = refused(vm_request(0, (protocol.NetworkSpec("nat", "private", None),)))
+    assert "network 'nat' is a nat network" in str(nat)
+    mtu = refused(vm_request(0, (protocol.NetworkSpec("cluster", "private", 9000),)))
+    assert mtu.code is Code.BAD_REQUEST
+    assert f"mtu: 9000 differs from the MTU 1450 that {site / 'networks.yaml'}:2" in str(mtu)
+    index = refused(vm_request(2), info)
+    assert index.code is Code.DENIED and "vm: 2 is not below the task count of job 42 (2;" \
+        in str(index)
+    unsure = refused(vm_request(0), JobInfo("42", 1000, "alice", "RUNNING", "h1", None))
+    assert unsure.code is Code.FAILED and "NumTasks" in str(unsure)
+    # No resource set at all: no regions.
+    (site / "resources.yaml").unlink()
+    bare = jobs_with(site, tmp_path)
+    assert isinstance(bare, Jobs)
+    with pytest.raises(Refusal, match="this site allows no FAM regions"):
+        bare.check(vm_request(0, (), 1 << 20), info)
+
+
+def test_region_names_per_job_are_capped(tmp_path: Path) -> None:
+    from vcluster.agent.policy import load_policy
+
+    policy = load_policy(write_site(tmp_path / "conf"))
+    names = {f"r{i}" for i in range(protocol.MAX_REGIONS)}
+    policy.check_region_count("r0", names)  # an existing one again: fine
+    policy.check_region_count("r0", set())
+    with pytest.raises(Refusal, match=f"a job may have at most {protocol.MAX_REGIONS}") as e:
+        policy.check_region_count("r8", names)
+    assert e.value.code is Code.DENIED
+
+
+def test_broken_site_policy_names_file_and_line(tmp_path: Path) -> None:
+    from vcluster.agent.policy import load_policy
+    from vcluster.errors import ConfigError
+
+    site = write_site(tmp_path / "conf")
+    (site / "resources.yaml").write_text("big:\n  networks: [cluster]\n  fam:\n"
+                                         "    max-size: 3M\n")
+    with pytest.raises(ConfigError, match=r"resources\.yaml:4.*not a power of two"):
+        load_policy(site)
+
+
+def test_job_locks_are_dropped_after_use(tmp_path: Path) -> None:
+    from vcluster.agent.jobs import Jobs
+
+    jobs = jobs_with(write_site(tmp_path / "conf"), tmp_path)
+    assert isinstance(jobs, Jobs)
+    entered = threading.Event()
+    go = threading.Event()
+    order: list[str] = []
+
+    def hold(name: str) -> None:
+        with jobs.locked("1"):
+            order.append(name)
+            entered.set()
+            go.wait(5)
+
+    holder = threading.Thread(target=hold, args=("holder",))
+    holder.start()
+    entered.wait(5)
+    waiter = threading.Thread(target=hold, args=("waiter",))
+    waiter.start()
+    time.sleep(0.2)
+    assert jobs.lock_count() == 1 and order == ["holder"]  # one lock, held and waited for
+    go.set()
+    holder.join()
+    waiter.join()
+    assert order == ["holder", "waiter"]
+    assert jobs.lock_count() == 0
+    for job in ("2", "3", "4"):
+        if os.geteuid() == 0:
+            jobs.release(job)  # nothing logged: nothing to do, no lock kept
+        else:
+            with jobs.locked(job):
+                pass
+    assert jobs.lock_count() == 0
+
+
+# ------------------------------------------------------------------ the socket
+
+
+def test_a_busy_live_socket_is_not_taken_over(tmp_path: Path) -> None:
+    from vcluster.agent import server
+
+    path = tmp_path / "agent.sock"
+    # A listener that never accepts, its backlog full: connecting blocks (a busy agent).
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(0)
+    waiting = []
+    try:
+        for _ in range(8):
+            extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            extra.setblocking(False)
+            waiting.append(extra)
+            try:
+                extra.connect(str(path))
+            except BlockingIOError:
+                break
+        with pytest.raises(OSError, match=f"another agent answers on {path}"):
+            server._clear_stale_socket(path)
+        assert path.exists()
+    finally:
+        for extra in waiting:
+            extra.close()
+        live.close()
+    # A socket nobody listens on any more (ECONNREFUSED) is a dead agent's: removed.
+    assert path.exists()
+    server._clear_stale_socket(path)
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(OSError, match="exists and is not a socket"):
+        server._clear_stale_socket(path)
+
+
+def test_silent_and_trickling_clients_are_cut_off(served: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from vcluster.agent import server
+
+    monkeypatch.setattr(server, "READ_DEADLINE", 1.0)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(served))
+        start = time.monotonic()
+        sock.settimeout(5)
+        for byte in b'{"version": 1, "op"':  # a byte every 0.1 s: over the deadline in all
+            try:
+                sock.send(bytes([byte]))
+            except BrokenPipeError:
+                break  # the agent gave up on us
+            time.sleep(0.1)
+        answer = json.loads(sock.makefile("rb").readline())
+        took = time.monotonic() - start
+    assert answer["code"] == "bad-request" and "no complete request within 1 s" in \
+        answer["error"]
+    assert 0.9 < took < 2.5
+
+
+def test_connections_beyond_the_limits_are_told_busy(served: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the served agent's limits are checked here as root")
+    # Root may have its reserve (1) plus the free non-root slots (1): 2 idle ones.
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    try:
+        for sock in idle:
+            sock.connect(str(served))
+        time.sleep(0.2)  # accepted and counted
+        with pytest.raises(client.AgentError, match="serves 2 requests of root") as e:
+            client.AgentClient(served, timeout=5).ping()
+        assert e.value.code == "busy"
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.3)
+    assert client.AgentClient(served, timeout=5).ping()["ok"] is True

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -211,6 +213,24 @@ def test_unsearchable_dir_is_refused_up_front(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "searchable by all" in proc.stderr and "chmod o+x" in proc.stderr
     assert not (tmp_path / "sb").exists()
+
+
+@pytest.mark.slurm
+def test_dir_another_user_could_change_is_refused() -> None:
+    # Root writes scripts slurmd runs as root there: a user's directory would be a way in.
+    parent = Path(tempfile.mkdtemp(prefix="vcluster-test-", dir="/var/tmp"))
+    try:
+        parent.chmod(0o755)
+        os.chown(parent, 65534, 65534)
+        proc = vcluster("sandbox", "up", "--dir", str(parent / "sb"))
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == (
+            f"vcluster: error: --dir {parent}/sb: {parent} belongs to uid 65534 or others may "
+            "write to it; root keeps files there that slurmd runs as root, so it must be root's "
+            "alone (choose another --dir)")
+        assert not (parent / "sb").exists()
+    finally:
+        shutil.rmtree(parent)
 
 
 @pytest.mark.slurm

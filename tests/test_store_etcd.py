@@ -445,6 +445,10 @@ def netns() -> Iterator[str]:
     """A fresh network namespace with its loopback up, removed afterwards."""
     from pyroute2 import NetNS, netns
 
+    from tests.conftest import require_root
+
+    require_root("creating a network namespace")
+
     name = f"vc-test-{secrets.token_hex(3)}"
     netns.create(name)
     try:
@@ -470,7 +474,6 @@ with open_store(config) as store:
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="creating a network namespace needs root")
 def test_etcd_runs_inside_a_network_namespace(tmp_path: Path, netns: str) -> None:
     wrap = ["nsenter", f"--net=/run/netns/{netns}", "--"]
     with running_etcd(tmp_path / "etcd", wrap=wrap) as server:

@@ -2,7 +2,8 @@
 
 One per host (root). It serves a unix socket (``server``) with a small,
 versioned request schema (``protocol``), proves who calls (``peer``), creates
-a job's bridges, taps and FAM regions (``netdev``, ``fam``, ``jobs``), records
+a job's bridges, taps and FAM regions (``netdev``, ``fam``, ``jobs``) within
+the site's limits read from its own configuration (``policy``), records
 all of it in a per-job undo log (``undo``) that ``release`` and the reconcile
 pass (``reconcile``) walk back, registers its host in the store
 (``registration``) and hands out etcd credentials (``credentials``).

@@ -5,17 +5,18 @@ be copied next to a script as it is)::
 
     client = AgentClient(socket_path(run_dir))
     client.ping()                       # {"ok": True, "version": 1, "host": "h1"}
-    res = client.vm_resources("123", 0, [{"name": "cluster", "type": "private",
-                                          "mtu": 1450}], {"name": "fam", "size": 1 << 26})
+    res = client.vm_resources("123", 0, [{"name": "cluster", "type": "private"}],
+                              {"name": "fam", "size": 1 << 26})  # mtu: optional, the site's
     res.taps[0].fd, res.taps[0].ifname  # an open tap (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR):
                                         # QEMU -netdev tap,fd=N,vhost=off
     res.fam.path, res.fam.size          # the job's FAM region file (0600, the job's user)
     client.credentials()                # etcd user, password, prefix, endpoints, ca_cert
 
-A refusal raises AgentError (``code`` is denied, bad-request, failed or
-unsupported-version; ``str()`` is the agent's one-line message); an agent
-that cannot be reached raises AgentUnavailable.  The caller owns the
-returned file descriptors (close them, or pass them to QEMU).
+A refusal raises AgentError (``code`` is denied, bad-request, failed,
+unsupported-version, or busy: too many connections at once, try again;
+``str()`` is the agent's one-line message); an agent that cannot be reached
+raises AgentUnavailable.  The caller owns the returned file descriptors
+(close them, or pass them to QEMU).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ SOCKET_NAME = "agent.sock"
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 64
 DEFAULT_TIMEOUT = 60.0
+BUSY_RETRIES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # about 6 s in all
 
 
 class AgentError(Exception):
@@ -110,13 +113,29 @@ class AgentClient:
         self.timeout = timeout
 
     def request(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
-        """Send one request; the answer and the file descriptors that came with it."""
+        """Send one request; the answer and the file descriptors that came with it.
+
+        An agent that is ``busy`` (too many connections at once: many VMs of a
+        job starting together) is asked again a few times, with growing pauses.
+        """
+        for pause in BUSY_RETRIES:
+            try:
+                return self._request_once(op, **fields)
+            except AgentError as e:
+                if e.code != "busy":
+                    raise
+                time.sleep(pause)
+        return self._request_once(op, **fields)
+
+    def _request_once(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
         message = json.dumps({"version": VERSION, "op": op, **fields}).encode() + b"\n"
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout)
                 sock.connect(str(self.path))
-                sock.sendall(message)
+                # The agent may answer (busy) and close before reading: read that answer.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(message)
                 data, fds = _receive(sock)
         except FileNotFoundError:
             raise AgentUnavailable(f"no vcluster agent socket at {self.path} "
@@ -180,8 +199,9 @@ class AgentClient:
     def prolog(self, job: str) -> dict[str, Any]:
         return self.call("prolog", job=str(job))
 
-    def release(self, job: str) -> dict[str, Any]:
-        return self.call("release", job=str(job))
+    def release(self, job: str, user: str | None = None) -> dict[str, Any]:
+        """Release ``job`` here (root); ``user``, the job's, also deletes its cluster keys."""
+        return self.call("release", job=str(job), **({} if user is None else {"user": user}))
 
     def status(self) -> dict[str, Any]:
         return self.call("status")

@@ -1,7 +1,17 @@
 """A job's resources on this host: made on request, recorded in its undo log, released.
 
 Each operation on a job holds that job's lock, so a VM runner's request, the
-epilog's release and the reconcile pass never interleave on one job.
+epilog's release and the reconcile pass never interleave on one job.  A lock
+lives only while someone holds or waits for it (the agent keeps no state per
+finished job).  What a runner may have is the site's decision
+(``policy.Policy``) and SLURM's (the job's task count bounds the VM index).
+
+Release is idempotent.  Given the job's user (the epilog passes
+SLURM_JOB_USER), it deletes the job's store keys and the user's cluster keys
+of the job even when this host has no undo log of it (the agent was down at
+prolog time and no runner reached it, and the launcher was killed); when the
+store cannot be reached then, it leaves an undo log holding just those keys,
+so the reconcile pass deletes them later.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +29,8 @@ from typing import Any
 
 from vcluster.agent import fam, netdev, undo, workdir
 from vcluster.agent.peer import JobInfo
-from vcluster.agent.protocol import Refusal, VmResources, failed
+from vcluster.agent.policy import Policy
+from vcluster.agent.protocol import Refusal, VmResources, denied, failed
 from vcluster.agent.registration import StoreLink
 from vcluster.agent.undo import JobLog, Kind, UndoEntry
 from vcluster.errors import StoreError
@@ -40,18 +52,33 @@ class Settings:
 class Jobs:
     """The jobs on this host and their resources."""
 
-    def __init__(self, settings: Settings, link: StoreLink) -> None:
+    def __init__(self, settings: Settings, link: StoreLink, policy: Policy) -> None:
         self.settings = settings
         self.link = link
-        self._locks: dict[str, threading.Lock] = {}
+        self.policy = policy
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}  # job: (lock, users)
         self._locks_lock = threading.Lock()
 
     @contextlib.contextmanager
     def locked(self, job: str) -> Iterator[None]:
         with self._locks_lock:
-            lock = self._locks.setdefault(job, threading.Lock())
-        with lock:
-            yield
+            lock, users = self._locks.get(job, (threading.Lock(), 0))
+            self._locks[job] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._locks_lock:
+                lock, users = self._locks[job]
+                if users == 1:
+                    del self._locks[job]
+                else:
+                    self._locks[job] = (lock, users - 1)
+
+    def lock_count(self) -> int:
+        """How many job locks exist now (held or waited for)."""
+        with self._locks_lock:
+            return len(self._locks)
 
     # -------------------------------------------------------------- making
 
@@ -92,22 +119,42 @@ class Jobs:
             self._publish(job_log)
             return {"ok": True, "job": info.job, "published": job_log.published}
 
+    def check(self, request: VmResources, info: JobInfo) -> dict[str, int]:
+        """Refuse what the site or SLURM does not allow; the MTU of each network."""
+        if info.tasks is None:
+            raise failed(f"SLURM did not say how many tasks job {info.job} has (NumTasks), "
+                         "so the VM index cannot be checked")
+        if request.vm >= info.tasks:
+            raise denied(f"vm: {request.vm} is not below the task count of job {info.job} "
+                         f"({info.tasks}; one SLURM task per VM, the VM index is "
+                         "SLURM_PROCID)")
+        mtus: dict[str, int] = {}
+        for i, net in enumerate(request.networks):
+            mtus[net.name] = self.policy.network_mtu(net, f"networks[{i}].")
+        if request.fam is not None:
+            self.policy.check_fam_size(request.fam.name, request.fam.size)
+        return mtus
+
     def vm_resources(self, request: VmResources, info: JobInfo,
                      gid: int) -> tuple[dict[str, Any], list[int]]:
+        mtus = self.check(request, info)
         fds: list[int] = []
         try:
             with self.locked(request.job):
                 job_log = self._open_log(info)
                 self._publish(job_log)
+                if request.fam is not None:
+                    self.policy.check_region_count(request.fam.name, _regions(job_log))
                 taps: list[dict[str, Any]] = []
                 for net in request.networks:
+                    mtu = mtus[net.name]
                     index = job_log.network_index(net.name)
                     bridge = netdev.bridge_name(request.job, index)
                     job_log.record(UndoEntry(Kind.BRIDGE, bridge, network=net.name))
-                    netdev.ensure_bridge(bridge, net.mtu)
+                    netdev.ensure_bridge(bridge, mtu)
                     tap = netdev.tap_name(request.job, request.vm, index)
                     job_log.record(UndoEntry(Kind.TAP, tap, vm=request.vm, network=net.name))
-                    netdev.ensure_tap(tap, bridge, net.mtu)
+                    netdev.ensure_tap(tap, bridge, mtu)
                     fds.append(netdev.open_tap(tap))
                     taps.append({"network": net.name, "ifname": tap, "mac": None})
                 work = workdir.ensure_workdir(self.settings.state, job_log, info.uid, gid)
@@ -177,15 +224,36 @@ class Jobs:
         undo.remove(job_log)
         return removed
 
-    def release(self, job: str) -> dict[str, Any]:
+    def _release_unlogged(self, job: str, user: str | None) -> list[str]:
+        """Release a job this host has no undo log of: stray devices, and its keys."""
+        stray = netdev.links_with_prefix(*netdev.job_prefixes(job))
+        for name in sorted(stray, key=lambda n: not n.startswith("vct")):
+            netdev.remove_link(name)
+        removed = [f"stray device {n}" for n in stray]
+        if user is None:
+            return removed
+        try:
+            self._delete_keys(job, user)
+        except Refusal:
+            # Leave a log of just the keys, so the reconcile pass deletes them later.
+            try:
+                uid = pwd.getpwnam(user).pw_uid
+            except KeyError:
+                uid = -1
+            undo.create(self.settings.state, job, uid, user)
+            raise
+        return removed  # deleting keys that may not exist is not worth reporting
+
+    def release(self, job: str, user: str | None = None) -> dict[str, Any]:
+        """Remove everything of ``job`` here (``user``: the job's, said by root)."""
         with self.locked(job):
             job_log = undo.load(self.settings.state, job)
             if job_log is None:
-                stray = netdev.links_with_prefix(*netdev.job_prefixes(job))
-                for name in sorted(stray, key=lambda n: not n.startswith("vct")):
-                    netdev.remove_link(name)
-                return {"ok": True, "job": job, "removed": [f"stray device {n}" for n in stray]}
-            removed = self._release_log(job_log)
+                removed = self._release_unlogged(job, user)
+            else:
+                removed = self._release_log(job_log)
+                if user is not None and user != job_log.user:
+                    self._delete_keys(job, user)
         log.info("job %s released: %s", job, ", ".join(removed) or "nothing to remove")
         return {"ok": True, "job": job, "removed": removed}
 
@@ -207,6 +275,12 @@ class Jobs:
                 data.pop("format")
                 out.append(data)
         return out
+
+
+def _regions(job_log: JobLog) -> set[str]:
+    """The names of the job's FAM regions on this host (from its undo log)."""
+    return {Path(e.name).name for e in job_log.entries
+            if e.kind is Kind.FILE and Path(e.name).parent.name == "fam"}
 
 
 def _owned_by(value: str, job: str) -> bool:

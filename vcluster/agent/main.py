@@ -2,14 +2,25 @@
 
 ::
 
-    vcluster-agent [--config DIR] [serve] [--node NAME] [--reconcile-interval S]
+    vcluster-agent [--config DIR] [serve] [--node NAME | --login-node]
+                   [--reconcile-interval S] [--no-register]
     vcluster-agent [--config DIR] prolog JOB     # the SLURM prolog (root)
-    vcluster-agent [--config DIR] release JOB    # the SLURM epilog (root); idempotent
+    vcluster-agent [--config DIR] release JOB [--user NAME]
+                                                 # the SLURM epilog (root); idempotent
     vcluster-agent [--config DIR] status         # jobs and their resources (root)
     vcluster-agent [--config DIR] ping
 
-``DIR`` holds batch.yaml (default: $VCLUSTER_CONF or /etc/vcluster); the
-socket is ``<directories.run>/agent.sock``.  Deliberately argparse, not the
+``DIR`` holds batch.yaml (default: $VCLUSTER_CONF or /etc/vcluster), and the
+site policy the agent enforces, networks.yaml and resources.yaml
+(``policy.py``); the socket is ``<directories.run>/agent.sock``.
+
+``serve`` checks at start-up that SLURM knows the node name (``--node``,
+default the short hostname) and refuses to start otherwise: the reconcile
+pass asks SLURM by that name.  A host that runs no SLURM jobs (a login node:
+it serves credentials) says ``--login-node``: no check, no reconcile pass,
+no registration.  ``release --user``
+names the job's user (the epilog passes SLURM_JOB_USER), so its cluster
+keys go even when this host has no undo log of the job.  Deliberately argparse, not the
 click CLI: the agent stays small and quick to start.
 """
 
@@ -39,9 +50,11 @@ def load_config(directory: Path | None) -> BatchConfig:
     return parse_batch(load_yaml(path), path)
 
 
-def serve(config: BatchConfig, node: str | None, interval: float, register: bool) -> int:
+def serve(config: BatchConfig, directory: Path, node: str | None, interval: float,
+          register: bool, login: bool) -> int:
     from vcluster.agent.jobs import Jobs, Settings
     from vcluster.agent.peer import Slurm
+    from vcluster.agent.policy import load_policy
     from vcluster.agent.reconcile import Reconciler
     from vcluster.agent.registration import Registration, StoreLink
     from vcluster.agent.server import AgentServer
@@ -50,15 +63,20 @@ def serve(config: BatchConfig, node: str | None, interval: float, register: bool
     if os.geteuid() != 0:
         raise VclusterError("vcluster-agent serve needs root (it makes network devices and "
                             "files owned by other users)")
+    if login and node is not None:
+        raise VclusterError("--login-node and --node exclude each other")
     node = node or socket.gethostname().split(".", 1)[0]
+    policy = load_policy(directory)
+    slurm = Slurm(node)
+    if not login:
+        slurm.check_node()
     dirs = config.directories
     for directory in (dirs.state, dirs.run):
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     settings = Settings(node=node, state=dirs.state, run=dirs.run)
     link = StoreLink(config.store)
-    slurm = Slurm(node)
-    jobs = Jobs(settings, link)
-    registration = Registration(link, node) if register else None
+    jobs = Jobs(settings, link, policy)
+    registration = Registration(link, node) if register and not login else None
     agent = Agent(jobs, slurm, link, registration)
     try:
         server = AgentServer(socket_path(dirs.run), agent)
@@ -72,16 +90,19 @@ def serve(config: BatchConfig, node: str | None, interval: float, register: bool
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("vcluster agent of %s (pid %d) serving on %s; state in %s; reconcile every %g s",
-             node, os.getpid(), server.path, dirs.state, interval)
+    log.info("vcluster agent of %s (pid %d) serving on %s; state in %s; %s", node, os.getpid(),
+             server.path, dirs.state, "a login node: no reconcile pass" if login else
+             f"reconcile every {interval:g} s")
     if registration is not None:
         registration.start()
-    reconciler.start()
+    if not login:
+        reconciler.start()
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
         server.server_close()
-        reconciler.stop()
+        if not login:
+            reconciler.stop()
         if registration is not None:
             registration.stop()
         link.close()
@@ -103,7 +124,11 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("serve", help="run the agent (the default)")
-    s.add_argument("--node", help="this host's SLURM node name (default: the short hostname)")
+    s.add_argument("--node", help="this host's SLURM node name (default: the short hostname); "
+                   "SLURM must know it")
+    s.add_argument("--login-node", dest="login", action="store_true",
+                   help="this host runs no SLURM jobs (a login node): serve credentials, no "
+                        "reconcile pass, no registration")
     s.add_argument("--reconcile-interval", type=float, default=60.0, metavar="SECONDS",
                    help="how often to release resources of jobs SLURM no longer runs "
                         "(default: 60)")
@@ -113,6 +138,10 @@ def parser() -> argparse.ArgumentParser:
                        ("release", "remove everything of a job on this host (the epilog)")):
         c = sub.add_parser(name, help=text)
         c.add_argument("job", metavar="JOB", help="the SLURM job id")
+        if name == "release":
+            c.add_argument("--user", metavar="NAME",
+                           help="the job's user (SLURM_JOB_USER): delete its cluster keys of "
+                                "the job even if this host has no undo log of it")
     st = sub.add_parser("status", help="show the jobs on this host and their resources")
     st.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
     sub.add_parser("ping", help="check that the agent answers")
@@ -145,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         if command == "serve":
-            return serve(config, getattr(args, "node", None),
+            return serve(config, args.config or system_dir(), getattr(args, "node", None),
                          getattr(args, "reconcile_interval", 60.0),
-                         getattr(args, "register", True))
+                         getattr(args, "register", True), getattr(args, "login", False))
         client = _client(config)
         if command == "ping":
             print(json.dumps(client.ping()))
@@ -156,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"job {args.job} set up on {socket.gethostname()}"
                   + ("" if answer.get("published") else " (not yet recorded in the store)"))
         elif command == "release":
-            removed = client.release(args.job).get("removed") or []
+            removed = client.release(args.job, args.user).get("removed") or []
             print(f"job {args.job} released on {socket.gethostname()}: "
                   + (", ".join(map(str, removed)) or "nothing to remove"))
         elif command == "status":

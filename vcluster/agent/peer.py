@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from vcluster.agent.protocol import Refusal, denied, failed
-from vcluster.errors import CommandError
+from vcluster.errors import CommandError, VclusterError
 from vcluster.run import run
 
 SLURM_TIMEOUT = 15.0
@@ -26,6 +26,7 @@ _PIDINFO_RE = re.compile(r"\bJobId=(\d+)")
 _USER_RE = re.compile(r"\bUserId=(\S*)\((\d+)\)")
 _STATE_RE = re.compile(r"\bJobState=(\S+)")
 _NODES_RE = re.compile(r"\bNodeList=(\S+)")
+_TASKS_RE = re.compile(r"\bNumTasks=(\d+)")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class JobInfo:
     user: str
     state: str
     nodes: str
+    tasks: int | None = None  # NumTasks; None when SLURM did not say
 
 
 class Slurm:
@@ -85,10 +87,34 @@ class Slurm:
         user = _USER_RE.search(out)
         state = _STATE_RE.search(out)
         nodes = _NODES_RE.search(out)
+        tasks = _TASKS_RE.search(out)
         if user is None or state is None:
             raise failed(f"scontrol show job {job}: no UserId or JobState in its answer")
         return JobInfo(job=job, uid=int(user.group(2)), user=user.group(1),
-                       state=state.group(1), nodes=nodes.group(1) if nodes else "")
+                       state=state.group(1), nodes=nodes.group(1) if nodes else "",
+                       tasks=int(tasks.group(1)) if tasks else None)
+
+    def check_node(self) -> None:
+        """Refuse (VclusterError) unless SLURM knows this agent's node name.
+
+        The reconcile pass asks ``squeue --nodelist=NODE``: a name SLURM does
+        not know would make it do nothing, or worse, without a word.
+        """
+        try:
+            code, out, err = self._run(["scontrol", "show", "node", "-o", self.node])
+        except Refusal as e:
+            raise VclusterError(f"cannot check that SLURM knows node {self.node!r}: "
+                                f"{e}") from e
+        if code == 0 and f"NodeName={self.node} " in out + " ":
+            return
+        said = (err.strip() or out.strip() or "no answer").splitlines()[-1]
+        if "not found" in said:
+            raise VclusterError(
+                f"SLURM knows no node {self.node!r} (scontrol show node: {said}); pass this "
+                "host's NodeName from slurm.conf with --node, or --login-node on a host "
+                "that runs no SLURM jobs")
+        raise VclusterError(f"cannot check that SLURM knows node {self.node!r} "
+                            f"(scontrol show node: {said}); is slurmctld reachable?")
 
     def jobs_holding_node(self) -> set[str] | None:
         """Jobs SLURM runs (or is ending) on this node; None when SLURM cannot tell."""

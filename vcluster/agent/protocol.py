@@ -11,17 +11,27 @@ Ops (who may call them):
 
 - ``ping`` (anyone) -> ``version``, ``host``.
 - ``vm-resources`` (a process of the job, as the job's user) with ``job``,
-  ``vm``, ``networks`` ([{name, type, mtu}]) and ``fam`` ({name, size} or
-  null) -> ``taps`` ([{network, ifname, mac}], their fds attached in that
-  order), ``fam`` ({path, size} or null) and ``workdir`` (the job's work
-  directory on this host: the user's, mode 0700, removed at release).
+  ``vm``, ``networks`` ([{name, type, mtu}]; ``mtu`` optional) and ``fam``
+  ({name, size} or null) -> ``taps`` ([{network, ifname, mac}], their fds
+  attached in that order), ``fam`` ({path, size} or null) and ``workdir``
+  (the job's work directory on this host: the user's, mode 0700, removed at
+  release).  The site decides what may be made (``agent/policy.py``): each
+  network must be a ``type: private`` network of the agent's networks.yaml
+  and takes its MTU from there (a request naming another MTU is refused), the
+  VM index must be below the job's task count, a FAM region may not exceed
+  the largest ``fam.max-size`` in resources.yaml, and a job has at most
+  ``MAX_REGIONS`` region names per host.
 - ``credentials`` (any local user) -> ``user``, ``password``, ``prefix``,
   ``endpoints``, ``ca_cert``.
-- ``prolog`` and ``release`` (root) with ``job``; ``status`` (root).
+- ``prolog`` (root) with ``job``; ``release`` (root) with ``job`` and an
+  optional ``user`` (the job's user, from the epilog's SLURM_JOB_USER: its
+  cluster keys are deleted even when this host has no undo log of the job);
+  ``status`` (root).
 
 Every caller is identified by SO_PEERCRED, never by what it sends.  This
 module parses and validates requests into frozen dataclasses; anything
-malformed is a ``bad-request`` naming the field and what was expected.
+malformed is a ``bad-request`` naming the field and what was expected.  A
+caller beyond the server's connection limits gets ``busy`` (try again).
 """
 
 from __future__ import annotations
@@ -40,9 +50,11 @@ MAX_MESSAGE = 64 * 1024  # a request is a few hundred bytes; refuse anything abs
 MAX_NETWORKS = 36  # one base-36 digit in device names
 MAX_VM = 36**3 - 1  # three base-36 digits in device names
 MIN_FAM = 4096
+MAX_REGIONS = 8  # distinct FAM region names per job and host (each is host memory)
 
 _JOB_RE = re.compile(r"^[0-9]{1,10}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}$")
 
 
 class Code(StrEnum):
@@ -52,6 +64,7 @@ class Code(StrEnum):
     BAD_REQUEST = "bad-request"  # malformed or unsupported request
     FAILED = "failed"  # the agent tried and could not
     UNSUPPORTED_VERSION = "unsupported-version"
+    BUSY = "busy"  # too many connections at once (server.py); try again
 
     def __str__(self) -> str:
         return self.value
@@ -84,7 +97,7 @@ def failed(message: str) -> Refusal:
 class NetworkSpec:
     name: str
     type: str
-    mtu: int
+    mtu: int | None  # None: the site's (networks.yaml); the agent never uses another
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,7 @@ class Prolog:
 @dataclass(frozen=True)
 class Release:
     job: str
+    user: str | None = None  # the job's user, said by root (the epilog)
 
 
 @dataclass(frozen=True)
@@ -162,6 +176,8 @@ def _network(item: Any, i: int) -> NetworkSpec:
     if kind != "private":
         raise bad_request(f"{where}type: {kind!r} is not supported by this agent "
                           "(expected \"private\")")
+    if item.get("mtu") is None:
+        return NetworkSpec(name, kind, None)
     mtu = int(_field(item, "mtu", int, "an MTU from 68 to 65535", where))
     if not 68 <= mtu <= 65535:
         raise bad_request(f"{where}mtu: {mtu} is out of range (expected 68 to 65535)")
@@ -179,6 +195,16 @@ def _fam(item: Any) -> FamSpec | None:
         raise bad_request(f"fam.size: {size} is not a power of two of at least {MIN_FAM} bytes "
                           "(ivshmem needs one)")
     return FamSpec(name, size)
+
+
+def _user(data: dict[str, Any]) -> str | None:
+    if data.get("user") is None:
+        return None
+    user = str(_field(data, "user", str, "a user name"))
+    if not _USER_RE.match(user):
+        raise bad_request(f"user: {user!r} is not a user name (expected letters, digits and "
+                          ". _ @ -, at most 64)")
+    return user
 
 
 def _vm_resources(data: dict[str, Any]) -> VmResources:
@@ -219,7 +245,7 @@ def parse(line: bytes) -> Request:
     if op == "prolog":
         return Prolog(job_id(data))
     if op == "release":
-        return Release(job_id(data))
+        return Release(job_id(data), _user(data))
     if op == "status":
         return Status()
     raise bad_request(f"op: {json.dumps(op)} is not an operation (expected one of ping, "

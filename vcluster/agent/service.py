@@ -47,7 +47,7 @@ class Agent:
             return self.jobs.prolog(known), []
         if isinstance(request, p.Release):
             require_root(peer, "release")
-            return self.jobs.release(request.job), []
+            return self.jobs.release(request.job, request.user), []
         if isinstance(request, p.Status):
             require_root(peer, "status")
             registered = self.registration is not None and self.registration.registered.is_set()

@@ -29,14 +29,18 @@ Examples:
               help="CPUs per VM (passed to salloc; the VMs' vCPUs by default).")
 @click.option("-E", "--command", default=None, metavar="CMD",
               help="Run CMD (with $SHELL -c) instead of an interactive shell.")
-@click.option("--stop-timeout", type=click.FloatRange(0), default=90.0, show_default=True,
-              help="Seconds the VMs get to power down at the end.")
+@click.option("--stop-timeout", type=click.FloatRange(0), default=None,
+              help="Seconds each guest gets to power down at the end before it is stopped "
+                   "(default: 20 for cloud-init images, 1 for tiny).")
+@click.option("--ready-timeout", type=click.FloatRange(1), default=600.0, show_default=True,
+              help="Seconds the whole cluster gets to become ready.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[SALLOC OPTIONS] DEFINITION")
 @click.pass_context
-def alloc(ctx: click.Context, cpus: int | None, command: str | None, stop_timeout: float,
-          args: tuple[str, ...]) -> None:
+def alloc(ctx: click.Context, cpus: int | None, command: str | None,
+          stop_timeout: float | None, ready_timeout: float, args: tuple[str, ...]) -> None:
     from vcluster.launch.submit import submit_alloc
 
     verbose = (ctx.find_root().params.get("verbose") or 0) > 0
     raise SystemExit(submit_alloc(list(args), cpus=cpus, command=command,
-                                  stop_timeout=stop_timeout, verbose=verbose))
+                                  stop_timeout=stop_timeout, ready_timeout=ready_timeout,
+                                  verbose=verbose))

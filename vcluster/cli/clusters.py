@@ -7,7 +7,6 @@ failing that the user's only cluster.
 
 from __future__ import annotations
 
-import getpass
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,7 +94,9 @@ def with_store(ctx: click.Context) -> tuple[Store, Keys, str]:
 
     config = load_config()
     store = ctx.with_resource(_closing(open_user_store(config.batch)))
-    return store, Keys(config.batch.store.prefix), getpass.getuser()
+    from vcluster.identity import user_name
+
+    return store, Keys(config.batch.store.prefix), user_name()
 
 
 class _closing:

@@ -9,7 +9,7 @@ from vcluster.config.fields import Section
 from vcluster.config.source import Node
 from vcluster.errors import ConfigError
 
-BACKENDS = ("slurm", "local")
+BACKENDS = ("slurm",)  # "local" comes with the single-machine mode
 STORE_BACKENDS = ("etcd",)  # "embedded" comes with the single-machine mode
 ACCELERATORS = ("auto", "kvm", "tcg")
 
@@ -27,7 +27,6 @@ class StoreConfig:
     user: str | None = None
     password_file: Path | None = None
     timeout: float = 5.0
-    embedded_path: Path | None = None
 
     def password(self) -> str | None:
         """Read the password file (kept out of this config, which users can read)."""
@@ -85,7 +84,6 @@ def _store(sec: Section, base: Path) -> StoreConfig:
         user=sec.string("user"),
         password_file=sec.file_path("password-file", base),
         timeout=sec.number("timeout", default.timeout, minimum=0.1),
-        embedded_path=sec.file_path("embedded-path", base),
     )
     sec.done()
     if (out.cert is None) != (out.key is None):

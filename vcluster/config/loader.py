@@ -52,6 +52,21 @@ def _read_templates(directory: Path, level: str,
     return out
 
 
+def load_batch(system: Path | None = None) -> BatchConfig:
+    """This host's batch.yaml alone, for the parts that run on compute hosts.
+
+    Unlike ``load_config`` (where a missing file means the defaults, handy on a
+    machine that only browses templates), a host without batch.yaml is not
+    set up for vcluster: say so rather than guess endpoints and directories.
+    """
+    path = (system or system_dir()) / "batch.yaml"
+    if not path.is_file():
+        raise ConfigError(None, "", f"{path}: no such file (this host is not configured for "
+                          "vcluster)", "/etc/vcluster/batch.yaml, or $VCLUSTER_CONF naming its "
+                          "directory")
+    return parse_batch(load_yaml(path), path)
+
+
 def load_config(system: Path | None = None, user: Path | None = None) -> Config:
     """Read and validate the configuration; any error is a one-line ConfigError."""
     system = system or system_dir()

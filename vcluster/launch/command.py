@@ -11,10 +11,13 @@ import click
 @click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path),
               help="The cluster plan written by vcluster alloc (read, then deleted).")
 @click.option("-E", "--command", default=None, help="Run CMD instead of an interactive shell.")
-@click.option("--stop-timeout", default=90.0, show_default=True,
-              help="Seconds the VMs get to power down before they are killed.")
+@click.option("--stop-timeout", type=float, default=None,
+              help="Seconds each guest gets to power down (default: the image's).")
+@click.option("--ready-timeout", type=float, default=600.0, show_default=True,
+              help="Seconds the whole cluster gets to become ready.")
 @click.option("--verbose", is_flag=True, help="Show the VM runners' output as it comes.")
-def launcher(plan_path: Path, command: str | None, stop_timeout: float, verbose: bool) -> None:
+def launcher(plan_path: Path, command: str | None, stop_timeout: float | None,
+             ready_timeout: float, verbose: bool) -> None:
     """Record the cluster in the store, start one VM runner per VM with srun, show
     their progress until all are ready (or one fails), then run the user's shell
     or command with VCLUSTER_JOB_ID set; stop the VMs when it exits and exit
@@ -37,7 +40,8 @@ def launcher(plan_path: Path, command: str | None, stop_timeout: float, verbose:
     config = load_config()
     store = open_user_store(config.batch)
     try:
-        options = LaunchOptions(command=command, stop_timeout=stop_timeout, verbose=verbose)
+        options = LaunchOptions(command=command, stop_timeout=stop_timeout,
+                                ready_timeout=ready_timeout, verbose=verbose)
         code = Launcher(config, plan, store, job=job, job_name=name, options=options).run()
     finally:
         store.close()

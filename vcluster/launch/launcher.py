@@ -9,7 +9,6 @@ returns; the agent's release (epilog) is the safety net behind it.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
 import signal
 import sys
@@ -22,6 +21,7 @@ from types import FrameType
 from vcluster.cluster import ClusterPlan, ClusterSpec
 from vcluster.config.loader import Config
 from vcluster.errors import VclusterError
+from vcluster.identity import user_name
 from vcluster.launch import sshkeys
 from vcluster.launch.progress import ProgressView
 from vcluster.launch.steps import RunnerStep
@@ -45,8 +45,14 @@ class ClusterFailed(VclusterError):
 @dataclass(frozen=True)
 class LaunchOptions:
     command: str | None = None  # -E CMD; None runs an interactive shell
-    stop_timeout: float = 90.0  # how long the runners get to power their guests down
+    stop_timeout: float | None = None  # guest power-down wait; None: the runners' defaults
+    ready_timeout: float = 600.0  # the whole cluster must be ready by then
     verbose: bool = False
+
+    @property
+    def step_wait(self) -> float:
+        """How long the runners get to stop before the step is aborted."""
+        return (self.stop_timeout if self.stop_timeout is not None else 20.0) + 30.0
 
 
 WHY = {
@@ -69,9 +75,10 @@ class Launcher:
         self.job = job
         self.job_name = job_name
         self.options = options
-        self.user = getpass.getuser()
+        self.user = user_name()
         self.keys = Keys(config.batch.store.prefix)
         self.view = ProgressView([vm.name for vm in plan.vms])
+        self.revision_seen = 0  # of the VM records shown so far
 
     # -- recording ------------------------------------------------------------
 
@@ -98,6 +105,7 @@ class Launcher:
     # -- waiting --------------------------------------------------------------
 
     def _apply(self, event: WatchEvent) -> VmRecord | None:
+        self.revision_seen = max(self.revision_seen, event.revision)
         if event.type.name != "PUT":
             return None
         index = self.keys.vm_index(event.key, self.user, self.job)
@@ -107,6 +115,8 @@ class Launcher:
 
     def wait_ready(self, step: RunnerStep, revision: int) -> None:
         vms_prefix = self.keys.vms_prefix(self.user, self.job)
+        deadline = time.monotonic() + self.options.ready_timeout
+        self.revision_seen = revision
         with self.store.watch_prefix(vms_prefix, start_revision=revision + 1) as watch:
             for entry in self.store.get_prefix(vms_prefix).entries:
                 self.view.update(self.keys.vm_index(entry.key, self.user, self.job),
@@ -129,6 +139,13 @@ class Launcher:
                     raise ClusterFailed(f"the VM runners exited (srun status {step.exited()}) "
                                         f"before the cluster was ready; their last output:\n"
                                         f"{lines}")
+                if time.monotonic() > deadline:
+                    not_ready = [f"{vm.name} ({r.state.value if r else 'pending'})"
+                            for vm in self.plan.vms
+                            if (r := self.view.records.get(vm.index)) is None
+                            or r.state is not VmState.READY]
+                    raise ClusterFailed(f"not ready after {self.options.ready_timeout:g} s: "
+                                        + ", ".join(not_ready))
                 event = watch.get(timeout=0.5)
                 if event is not None:
                     self._apply(event)
@@ -147,6 +164,26 @@ class Launcher:
         return ClusterFailed(text)
 
     # -- the user's part ------------------------------------------------------
+
+    def _warn_if_lost(self, event: WatchEvent) -> None:
+        """While the user works: say so when a VM fails (its runner publishes why)."""
+        record = self._apply_quietly(event)
+        if record is not None and record.state is VmState.FAILED:
+            index = self.keys.vm_index(event.key, self.user, self.job)
+            sys.stderr.write(f"vcluster: warning: {self._failure(index)}\n")
+            sys.stderr.flush()
+
+    def _apply_quietly(self, event: WatchEvent) -> VmRecord | None:
+        if event.type.name != "PUT":
+            return None
+        index = self.keys.vm_index(event.key, self.user, self.job)
+        record = from_json(VmRecord, event.value)
+        self.view.records[index] = record
+        return record
+
+    def watch_while_running(self, revision: int) -> contextlib.AbstractContextManager[object]:
+        return self.store.watch_prefix(self.keys.vms_prefix(self.user, self.job),
+                                       start_revision=revision + 1, callback=self._warn_if_lost)
 
     def run_user_command(self) -> int:
         env = dict(os.environ, VCLUSTER_JOB_ID=self.job)
@@ -195,20 +232,33 @@ class Launcher:
             revision = self.record()
             out.write(f"vcluster: job {self.job}: starting {count} VM"
                       f"{'s' if count > 1 else ''} ({self.plan.definition})\n")
-            step = RunnerStep(self.job, count, echo=self.options.verbose)
+            # No stop signal between srun's start and ``step`` knowing it: the finally
+            # below must see every srun it has to stop.
+            blocked = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            try:
+                step = RunnerStep(self.job, count, stop_timeout=self.options.stop_timeout,
+                                  echo=self.options.verbose)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
             self.wait_ready(step, revision)
             out.write(f"vcluster: job {self.job}: {count} VM{'s' if count > 1 else ''} ready "
                       f"in {time.monotonic() - start:.1f} s; VCLUSTER_JOB_ID={self.job}\n")
             out.flush()
-            return self.run_user_command()
+            step.after_ready = True  # from now on srun's own errors are shown as warnings
+            with self.watch_while_running(self.revision_seen):
+                return self.run_user_command()
         except KeyboardInterrupt as e:
             raise Interrupted("stopped the cluster: interrupted (Ctrl-C)") from e
         finally:
+            # A second Ctrl-C or TERM must not cut the clean-up short.
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN)
             with contextlib.suppress(Interrupted, KeyboardInterrupt):
                 if step is not None:
                     out.write(f"vcluster: job {self.job}: stopping the VMs\n")
                     out.flush()
-                    step.stop(self.options.stop_timeout)
+                    step.stop(self.options.step_wait)
                 self.forget()
                 out.write(f"vcluster: job {self.job}: stopped\n")
 

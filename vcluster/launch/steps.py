@@ -25,13 +25,17 @@ STEP_NAME = "vcluster-vms"
 class RunnerStep:
     """``srun … vcluster internal vm``: one task per VM, output kept for diagnosis."""
 
-    def __init__(self, job: str, count: int, *, echo: bool = False) -> None:
+    def __init__(self, job: str, count: int, *, stop_timeout: float | None = None,
+                 echo: bool = False) -> None:
         self.job = job
         self.count = count
         self.echo = echo
+        self.after_ready = False  # set by the launcher once every VM was ready
         self.output: collections.deque[str] = collections.deque(maxlen=200)
         argv = ["srun", f"--job-name={STEP_NAME}", f"--ntasks={count}", "--kill-on-bad-exit=0",
                 "--label", "--input=none", sys.executable, "-m", "vcluster", "internal", "vm"]
+        if stop_timeout is not None:
+            argv.append(f"--stop-timeout={stop_timeout:g}")
         self.proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
         self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
@@ -43,6 +47,10 @@ class RunnerStep:
             self.output.append(line)
             if self.echo:
                 print(f"  | {line}", file=sys.stderr, flush=True)
+            elif self.after_ready and line.startswith("srun: error:"):
+                # e.g. "srun: error: h1: task 1: Killed": a VM's runner is gone
+                print(f"vcluster: warning: {line[len('srun: error: '):]}", file=sys.stderr,
+                      flush=True)
 
     def exited(self) -> int | None:
         return self.proc.poll()

@@ -37,7 +37,7 @@ def write_plan(text: str) -> Path:
 
 
 def submit_alloc(args: list[str], *, cpus: int | None, command: str | None,
-                 stop_timeout: float, verbose: bool) -> int:
+                 stop_timeout: float | None, ready_timeout: float, verbose: bool) -> int:
     from vcluster.cli.common import load_config
     from vcluster.cluster import plan_cluster
     from vcluster.store.records import to_json
@@ -54,7 +54,9 @@ def submit_alloc(args: list[str], *, cpus: int | None, command: str | None,
         argv.append("--job-name=vcluster")
     plan_path = write_plan(to_json(plan))
     argv += [sys.executable, "-m", "vcluster", "internal", "launcher", "--plan", str(plan_path),
-             f"--stop-timeout={stop_timeout}"]
+             f"--ready-timeout={ready_timeout:g}"]
+    if stop_timeout is not None:
+        argv.append(f"--stop-timeout={stop_timeout:g}")
     if command is not None:
         argv += ["--command", command]
     if verbose:

@@ -35,9 +35,8 @@ def argv(state: SandboxState, machine: Host) -> list[str]:
     binary = shutil.which("vcluster-agent", path=daemons.tool_path())
     command = [binary] if binary else [sys.executable, "-m", "vcluster.agent"]
     # The controller is the login node: it serves credentials but is no SLURM host.
-    register = [] if machine is state.controller else ["--node", machine.name]
-    return [*network.enter(machine), *command, "--config", machine.conf, "serve",
-            *(register or ["--no-register"]),
+    role = ["--login-node"] if machine is state.controller else ["--node", machine.name]
+    return [*network.enter(machine), *command, "--config", machine.conf, "serve", *role,
             "--reconcile-interval", f"{RECONCILE_INTERVAL:g}"]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ def _prepare_dir(directory: Path) -> bool:
         raise SandboxError(f"sandbox {existing.id} {what} in {directory}; stop it first "
                            f"with: vcluster sandbox down --dir {directory}")
     _check_searchable(directory)
+    _check_owned_by_root(directory)
     if directory.exists():
         if not directory.is_dir():
             raise SandboxError(f"--dir {directory}: not a directory")
@@ -84,6 +86,25 @@ def _prepare_dir(directory: Path) -> bool:
         created = True
     directory.chmod(0o755)  # users of the sandbox read slurm.conf and reach munge's socket
     return created
+
+
+def _check_owned_by_root(directory: Path) -> None:
+    """Root writes scripts slurmd runs as root, and etcd's root password, in ``directory``:
+    every existing part of the path must be root's, a real directory, and (but for sticky
+    directories such as /var/tmp) writable by root alone, so no user can swap them."""
+    for path in reversed([directory, *directory.parents]):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise SandboxError(f"--dir {directory}: {path} is not a plain directory "
+                               "(a symbolic link or a file); choose another --dir")
+        sticky = info.st_mode & stat.S_ISVTX
+        if info.st_uid != 0 or (info.st_mode & 0o022 and not (sticky and path != directory)):
+            raise SandboxError(f"--dir {directory}: {path} belongs to uid {info.st_uid} or "
+                               "others may write to it; root keeps files there that slurmd "
+                               "runs as root, so it must be root's alone (choose another --dir)")
 
 
 def _check_searchable(directory: Path) -> None:

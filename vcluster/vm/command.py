@@ -10,18 +10,9 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from vcluster.config.batch import BatchConfig
+    pass
 
 DETACH_HELP = "Ctrl-]"
-
-
-def _load_batch() -> BatchConfig:
-    from vcluster.config.batch import BatchConfig, parse_batch
-    from vcluster.config.paths import system_dir
-    from vcluster.config.source import load_yaml
-
-    path = system_dir() / "batch.yaml"
-    return parse_batch(load_yaml(path), path) if path.is_file() else BatchConfig()
 
 
 @click.command("vm")
@@ -48,7 +39,9 @@ def vm(job: str, index: int, host: str | None, ready_timeout: float | None,
     from vcluster.vm.runner import Runner, RunnerOptions
 
     logging.getLogger("vcluster").setLevel(logging.INFO)
-    batch = _load_batch()
+    from vcluster.config.loader import load_batch
+
+    batch = load_batch()
     options = RunnerOptions(job=job, index=index, host=host or socket.gethostname(),
                             ready_timeout=ready_timeout, stop_timeout=stop_timeout)
     sys.exit(Runner(options, batch).run())
@@ -71,11 +64,11 @@ def console_attach(job: str, index: int, show_log: bool, lines: int | None) -> N
     inside the job (vcluster console uses srun --overlap --pty for that);
     only the VM's owner can attach.
     """
-    from vcluster.cli.common import load_config
+    from vcluster.config.loader import load_batch
     from vcluster.vm.console import attach, print_log
     from vcluster.vm.workdir import VmFiles, job_workdir
 
-    files = VmFiles.of(job_workdir(load_config().batch.directories.state, job), index)
+    files = VmFiles.of(job_workdir(load_batch().directories.state, job), index)
     what = f"vm{index} of job {job}"
     if show_log:
         print_log(files.console_log, what, lines)

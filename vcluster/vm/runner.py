@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -35,6 +33,7 @@ from vcluster.agent.client import AgentClient, AgentError, VmDevices, socket_pat
 from vcluster.cluster import ClusterSpec, Readiness, VmPlan
 from vcluster.config.batch import BatchConfig
 from vcluster.errors import VclusterError
+from vcluster.identity import user_name
 from vcluster.lifecycle import VmState
 from vcluster.qemu import SharedMemory, build_argv, show_argv
 from vcluster.run import run, spawn
@@ -94,8 +93,16 @@ def image_format(path: Path) -> str:
 
 
 def start_qemu(argv: list[str], stderr: Path, pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
-    """QEMU as our child, deaf to the step's stop signals, killed if we die."""
-    prefix = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+    """QEMU as our child, deaf to the step's stop signals, killed if we die.
+
+    Blocking the stop signals lets the runner power the guest down when SLURM
+    signals the whole step; ``setpriv --pdeathsig`` (util-linux) is what keeps a
+    QEMU from outliving a runner killed with SIGKILL, so it is not optional.
+    """
+    if shutil.which("setpriv") is None:
+        raise VclusterError("setpriv not found (install util-linux): without it QEMU could "
+                            "outlive its runner")
+    prefix = ["setpriv", "--pdeathsig", "KILL", "--"]
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         with open(stderr, "wb") as err:
@@ -186,7 +193,7 @@ class Runner:
     def _prepare(self) -> None:
         opts = self.options
         self.store = open_user_store(self.batch)
-        user = pwd.getpwuid(os.getuid()).pw_name
+        user = user_name()
         keys = Keys(self.batch.store.prefix)
         self.publisher = Publisher(self.store, keys.vm(user, opts.job, opts.index), self.name)
         self.publisher.load()

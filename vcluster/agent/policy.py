@@ -1,0 +1,103 @@
+"""The site's limits, which the agent enforces whatever a caller asks for.
+
+A VM runner's request is the user's: it may name any network, MTU, VM index
+or region size.  The agent therefore checks it against the site policy in its
+*own* configuration directory (the one holding its batch.yaml, never a
+user's), read with the project's loaders when the agent starts:
+
+- a network must be defined in ``networks.yaml`` with ``type: private``; its
+  bridge and taps get the MTU given there (a request naming another MTU is
+  refused, so a runner and the agent that disagree say so);
+- a FAM region may not be larger than the largest ``fam.max-size`` of any
+  resource set in ``resources.yaml`` (a set without a ``fam`` section allows
+  the loaders' default, 1G); without any resource set there are no regions;
+- a job has at most ``protocol.MAX_REGIONS`` distinct region names on a host;
+- the VM index must be below the job's task count (SLURM's NumTasks; one
+  task per VM), which ``jobs.py`` checks against what SLURM says.
+
+Changing these files takes effect when the agent restarts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vcluster.agent.protocol import MAX_REGIONS, NetworkSpec, bad_request, denied
+from vcluster.config.fields import format_size
+from vcluster.config.resources import parse_networks, parse_resources
+from vcluster.config.source import load_yaml
+
+NETWORKS = "networks.yaml"
+RESOURCES = "resources.yaml"
+
+
+@dataclass(frozen=True)
+class SiteNetwork:
+    name: str
+    type: str
+    mtu: int | None  # private networks only
+    origin: str  # file:line of its definition
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the site allows on this host."""
+
+    directory: Path
+    networks: dict[str, SiteNetwork]
+    fam_max: int  # 0: no FAM regions
+    fam_max_from: str  # where fam_max is configured
+    max_regions: int = MAX_REGIONS
+
+    def network_mtu(self, spec: NetworkSpec, where: str) -> int:
+        """The site's MTU for network ``spec`` (a refusal unless it is a private one)."""
+        site = self.networks.get(spec.name)
+        if site is None:
+            known = ", ".join(sorted(n for n, s in self.networks.items()
+                                     if s.type == "private")) or "none"
+            raise denied(f"{where}name: network {spec.name!r} is not defined in "
+                         f"{self.directory / NETWORKS} (private networks there: {known})")
+        if site.type != "private":
+            raise denied(f"{where}name: network {spec.name!r} is a {site.type} network "
+                         f"({site.origin}); this agent makes private networks only")
+        if spec.mtu is not None and spec.mtu != site.mtu:
+            raise bad_request(f"{where}mtu: {spec.mtu} differs from the MTU {site.mtu} that "
+                              f"{site.origin} gives network {spec.name!r} (the agent uses "
+                              "the site's; omit mtu or fix the caller's configuration)")
+        if site.mtu is None:
+            raise denied(f"{where}name: network {spec.name!r} ({site.origin}) has no MTU")
+        return site.mtu
+
+    def check_fam_size(self, name: str, size: int) -> None:
+        if self.fam_max == 0:
+            raise denied(f"fam.size: this site allows no FAM regions ({self.fam_max_from})")
+        if size > self.fam_max:
+            raise denied(f"fam.size: region {name!r} of {format_size(size)} is more than "
+                         f"{format_size(self.fam_max)}, the largest fam.max-size of this "
+                         f"site ({self.fam_max_from})")
+
+    def check_region_count(self, name: str, existing: set[str]) -> None:
+        if name not in existing and len(existing) >= self.max_regions:
+            raise denied(f"fam.name: job already has {len(existing)} FAM regions on this host "
+                         f"({', '.join(sorted(existing))}); a job may have at most "
+                         f"{self.max_regions} (MAX_REGIONS of the vcluster agent)")
+
+
+def load_policy(directory: Path) -> Policy:
+    """The policy of the configuration directory ``directory``; ConfigError if broken."""
+    net_path, res_path = directory / NETWORKS, directory / RESOURCES
+    networks = parse_networks(load_yaml(net_path) if net_path.is_file() else None)
+    sets = parse_resources(load_yaml(res_path) if res_path.is_file() else None, networks)
+    site: dict[str, SiteNetwork] = {}
+    for name, net in networks.items():
+        mtu = getattr(net, "mtu", None)
+        site[name] = SiteNetwork(name=name, type=net.type,
+                                 mtu=int(mtu) if isinstance(mtu, int) else None,
+                                 origin=str(net.origin))
+    fam_max, fam_from = 0, f"{res_path} defines no resource set"
+    for rset in sets.values():
+        if rset.fam_max_size > fam_max:
+            fam_max = rset.fam_max_size
+            fam_from = f"fam.max-size of resource set {rset.name!r} at {rset.origin}"
+    return Policy(directory=directory, networks=site, fam_max=fam_max, fam_max_from=fam_from)
