@@ -173,21 +173,31 @@ def qemu_pids(job: str) -> list[int]:
     return found
 
 
-def runner_pid(job: str, index: int) -> int:
-    """The VM runner (``vcluster internal vm``) of VM ``index`` of ``job``."""
+def job_process(job: str, words: tuple[bytes, ...], procid: int | None = None) -> int:
+    """The process of ``job`` whose argv has all ``words`` (and SLURM_PROCID, if given)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"internal" not in argv or b"vm" not in argv:
+            if not all(w in argv for w in words):
                 continue
             env = dict(item.split(b"=", 1) for item in
                        (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
-            if env.get(b"SLURM_JOB_ID") == job.encode() and \
-                    env.get(b"SLURM_PROCID") == str(index).encode():
+            if env.get(b"SLURM_JOB_ID") == job.encode() and (
+                    procid is None or env.get(b"SLURM_PROCID") == str(procid).encode()):
                 return int(entry.name)
-    raise AssertionError(f"no runner of vm{index} of job {job}")
+    raise AssertionError(f"no process {b' '.join(words).decode()} of job {job}")
+
+
+def runner_pid(job: str, index: int) -> int:
+    """The VM runner (``vcluster internal vm``) of VM ``index`` of ``job``."""
+    return job_process(job, (b"internal", b"vm"), index)
+
+
+def launcher_pid(job: str) -> int:
+    """The launcher (``vcluster internal launcher``) of ``job``."""
+    return job_process(job, (b"internal", b"launcher"))
 
 
 def assert_nothing_left(box: Sandbox, tool: JobTool, job: str, user: str,
@@ -223,18 +233,3 @@ def alloc_pid(user: str) -> int:
                 return int(entry.name)
     raise AssertionError(f"no vcluster alloc process of {user}")
 
-
-def launcher_pid(job: str) -> int:
-    """The launcher (``vcluster internal launcher``) of ``job``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"launcher" not in argv or b"internal" not in argv:
-                continue
-            env = dict(item.split(b"=", 1) for item in
-                       (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
-            if env.get(b"SLURM_JOB_ID") == job.encode():
-                return int(entry.name)
-    raise AssertionError(f"no launcher of job {job}")

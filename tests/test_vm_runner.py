@@ -17,10 +17,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.support_alloc import qemu_pids
 from tests.support_images import require_image
 from tests.support_sandbox import Sandbox, sandbox  # noqa: F401 (fixture)
 from tests.support_vm import cluster_spec, store_tool, tiny_boot, vm_plan, wait_state
@@ -98,19 +98,6 @@ def runners(box: Sandbox, job: str, count: int) -> Iterator[subprocess.Popen[str
         proc.wait(timeout=30)
 
 
-def qemu_of(job: str) -> list[int]:
-    """QEMU processes whose command line names this job's VM directory."""
-    marker = f"/work/{job}/vm".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                cmdline = (entry / "cmdline").read_bytes()
-                if b"qemu-system" in cmdline and marker in cmdline:
-                    found.append(int(entry.name))
-    return found
-
-
 def put_spec(box: Sandbox, job: str, vms: list[object]) -> None:
     spec = cluster_spec(job, vms, user=USER)  # type: ignore[arg-type]
     proc = store_tool(box.directory, "put", KEYS.cluster_spec(USER, job), stdin=to_json(spec))
@@ -183,7 +170,7 @@ def test_two_tiny_vms_boot_share_fam_and_network_then_stop(sandbox: Sandbox) -> 
             out = console_session(sandbox, job, 0, "ping -c 1 -W 5 vm1 && echo ping-$((40+2))ok",
                                   "ping-42ok")
             assert "10.77.0.2" in out
-            assert len(qemu_of(job)) == 2
+            assert len(qemu_pids(job)) == 2
             # stop the step as the launcher does: SIGTERM to its tasks
             started = time.monotonic()
             sandbox.run(["scancel", "--signal=TERM", f"{job}.0"])
@@ -196,7 +183,7 @@ def test_two_tiny_vms_boot_share_fam_and_network_then_stop(sandbox: Sandbox) -> 
             assert srun.returncode == 0, output
             print(f"stopped in {time.monotonic() - started:.1f} s")
             assert "vm0: stopped" in output and "vm1: stopped" in output
-            assert qemu_of(job) == []
+            assert qemu_pids(job) == []
             work = sandbox.directory / "hosts" / "h1" / "state" / "work" / job
             assert work.is_dir() and list(work.iterdir()) == []  # the runners removed theirs
 
@@ -218,7 +205,7 @@ def test_bad_qemu_argument_fails_within_seconds(sandbox: Sandbox) -> None:  # no
             assert srun.returncode != 0
             assert "Traceback" not in output
             assert took < 20, f"failing took {took:.1f} s"
-            assert qemu_of(job) == []
+            assert qemu_pids(job) == []
 
 
 def test_console_of_a_vm_that_is_not_there_is_a_clear_error(sandbox: Sandbox  # noqa: F811
