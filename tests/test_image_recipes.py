@@ -233,6 +233,21 @@ def test_build_needs_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []
 
 
+def test_build_refuses_a_repository_a_user_controls(tmp_path: Path) -> None:
+    # Root mounts /proc and chroots inside the repository: a user's directory is a way in.
+    from tests.conftest import require_root
+
+    require_root("the check is root's")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.chown(repo, 65534, 65534)
+    with pytest.raises(ImageError) as e:
+        build_image(load_recipe("tiny"), Repository(repo), progress=Progress(quiet=True))
+    assert str(e.value).startswith(f"--repo {repo}: {repo} belongs to uid 65534 or others may "
+                                   "write to it; root mounts and chroots")
+    assert list(repo.iterdir()) == []
+
+
 # -- real builds (root, the package cache of the test images: no network) -------------
 
 

@@ -21,6 +21,7 @@ from vcluster.images.context import BuildContext
 from vcluster.images.progress import Progress
 from vcluster.images.recipe import Recipe
 from vcluster.images.repo import Image, ImageInfo, Repository, parse_ref
+from vcluster.rootdirs import not_root_only
 from vcluster.run import run
 
 _BUILDER_SOURCES = ("build.py", "context.py", "disk.py", "initramfs.py", "packages.py")
@@ -94,6 +95,11 @@ def build_image(recipe: Recipe, repo: Repository, *, name: str | None = None,
     if os.geteuid() != 0:
         raise ImageError("building images needs root (debootstrap, chroot, device nodes): "
                          "run vcluster image build as root")
+    why = not_root_only(repo.root)
+    if why is not None:
+        raise ImageError(f"--repo {repo.root}: {why}; root mounts and chroots in build roots "
+                         "there, so it must be root's alone (build into a root-owned "
+                         "repository, then copy the revision)")
     progress.step(f"recipe {recipe.name} ({recipe.kind}): resolving package versions")
     resolved = resolve_packages(recipe)
     digest = content_hash(recipe, resolved)

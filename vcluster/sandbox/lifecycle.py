@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vcluster.errors import SandboxError, VclusterError
+from vcluster.rootdirs import not_root_only
 from vcluster.sandbox import agents, daemons, network, process, store, vconf
 from vcluster.sandbox.state import (
     CONTROLLER,
@@ -89,22 +89,11 @@ def _prepare_dir(directory: Path) -> bool:
 
 
 def _check_owned_by_root(directory: Path) -> None:
-    """Root writes scripts slurmd runs as root, and etcd's root password, in ``directory``:
-    every existing part of the path must be root's, a real directory, and (but for sticky
-    directories such as /var/tmp) writable by root alone, so no user can swap them."""
-    for path in reversed([directory, *directory.parents]):
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-            raise SandboxError(f"--dir {directory}: {path} is not a plain directory "
-                               "(a symbolic link or a file); choose another --dir")
-        sticky = info.st_mode & stat.S_ISVTX
-        if info.st_uid != 0 or (info.st_mode & 0o022 and not (sticky and path != directory)):
-            raise SandboxError(f"--dir {directory}: {path} belongs to uid {info.st_uid} or "
-                               "others may write to it; root keeps files there that slurmd "
-                               "runs as root, so it must be root's alone (choose another --dir)")
+    """Root keeps scripts slurmd runs as root, and etcd's root password, in ``directory``."""
+    why = not_root_only(directory)
+    if why is not None:
+        raise SandboxError(f"--dir {directory}: {why}; root keeps files there that slurmd "
+                           "runs as root, so it must be root's alone (choose another --dir)")
 
 
 def _check_searchable(directory: Path) -> None:
