@@ -129,3 +129,29 @@ def boot(vms: list[TestVm], spec: VmSpec, workdir: Path) -> TestVm:
     vms.append(vm)
     vm.start()
     return vm
+
+
+# Two tiny guests playing ping-pong through their FAM region (BAR2): A writes a marker,
+# B reads it and answers at offset 8, A reads the answer.
+FAM_A = """#!/bin/sh
+fam write 0 0x76636c31
+echo "fam-a: wrote $(fam read 0)"
+for i in $(seq 600); do
+    v=$(fam read 8)
+    if [ "$v" = 0x62626232 ]; then echo "fam-a: read $v"; exit 0; fi
+    sleep 0.1
+done
+echo "fam-a: timeout"
+"""
+FAM_B = """#!/bin/sh
+for i in $(seq 600); do
+    v=$(fam read 0)
+    if [ "$v" = 0x76636C31 ]; then
+        echo "fam-b: read $v"
+        fam write 8 0x62626232
+        exit 0
+    fi
+    sleep 0.1
+done
+echo "fam-b: timeout"
+"""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support_images import TestVm, boot, require_image, vm_factory
+from tests.support_images import FAM_A, FAM_B, TestVm, boot, require_image, vm_factory
 from vcluster.qemu import Disk, SharedMemory, VmSpec
 from vcluster.run import run
 from vcluster.seed import (
@@ -90,28 +90,6 @@ def test_tiny_applies_network_config_and_has_vxlan(workdir: Path, vms: list[Test
 
 # A #! user-data script per VM: A writes a marker word into the FAM region, B
 # waits for it, answers at offset 8, and A waits for the answer.
-FAM_A = """#!/bin/sh
-fam write 0 0x76636c31
-echo "fam-a: wrote $(fam read 0)"
-for i in $(seq 600); do
-    v=$(fam read 8)
-    if [ "$v" = 0x62626232 ]; then echo "fam-a: read $v"; exit 0; fi
-    sleep 0.1
-done
-echo "fam-a: timeout"
-"""
-FAM_B = """#!/bin/sh
-for i in $(seq 600); do
-    v=$(fam read 0)
-    if [ "$v" = 0x76636C31 ]; then
-        echo "fam-b: read $v"
-        fam write 8 0x62626232
-        exit 0
-    fi
-    sleep 0.1
-done
-echo "fam-b: timeout"
-"""
 
 
 def test_tiny_fam_is_shared_between_two_vms(workdir: Path, vms: list[TestVm]) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support_alloc import qemu_pids
-from tests.support_images import require_image
+from tests.support_images import FAM_A, FAM_B, require_image
 from tests.support_sandbox import Sandbox, sandbox  # noqa: F401 (fixture)
 from tests.support_vm import cluster_spec, store_tool, tiny_boot, vm_plan, wait_state
 from vcluster.cluster import FamPlan
@@ -35,23 +35,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.qemu, pytest.mark.images]
 KEYS = Keys("/vcluster")
 USER = "root"
 
-FAM_A = """#!/bin/sh
-fam write 0 0x76636c31
-for i in $(seq 600); do
-    v=$(fam read 8)
-    if [ "$v" = 0x62626232 ]; then echo "fam-a: read $v"; exit 0; fi
-    sleep 0.1
-done
-echo "fam-a: timeout"
-"""
-FAM_B = """#!/bin/sh
-for i in $(seq 600); do
-    v=$(fam read 0)
-    if [ "$v" = 0x76636C31 ]; then echo "fam-b: read $v"; fam write 8 0x62626232; exit 0; fi
-    sleep 0.1
-done
-echo "fam-b: timeout"
-"""
 
 
 def on_host(box: Sandbox, argv: list[str]) -> tuple[list[str], dict[str, str]]:
