@@ -8,7 +8,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,26 +91,33 @@ def events(watch: Watch, count: int, timeout: float = 5.0) -> list[WatchEvent]:
 # ------------------------------------------------------------ compare-and-swap
 
 
+def race(stores: dict[str, Store], attempt: Callable[[str, Store], bool]) -> dict[str, bool]:
+    """Start ``attempt(name, store)`` for every client at the same instant; who won."""
+    barrier = threading.Barrier(len(stores))
+    won: dict[str, bool] = {}
+
+    def contend(name: str, store: Store) -> None:
+        barrier.wait()
+        won[name] = attempt(name, store)
+
+    threads = [threading.Thread(target=contend, args=item) for item in stores.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won
+
+
 def test_two_clients_race_create_exactly_one_wins(alice_config: StoreConfig,
                                                    cluster: str) -> None:
     with open_store(alice_config) as a, open_store(alice_config) as b:
         for round_ in range(20):
             key = f"{cluster}race{round_}"
-            barrier = threading.Barrier(2)
-            won: dict[str, bool] = {}
 
-            def contend(name: str, store: Store, key: str = key,
-                        barrier: threading.Barrier = barrier,
-                        won: dict[str, bool] = won) -> None:
-                barrier.wait()
-                won[name] = store.create(key, name)
+            def create(name: str, store: Store, key: str = key) -> bool:
+                return store.create(key, name)
 
-            threads = [threading.Thread(target=contend, args=(n, s))
-                       for n, s in (("a", a), ("b", b))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            won = race({"a": a, "b": b}, create)
             assert sorted(won.values()) == [False, True], won
             winner = next(n for n, w in won.items() if w)
             entry = a.get(key)
@@ -123,22 +130,12 @@ def test_two_clients_race_replace_exactly_one_wins(alice_config: StoreConfig,
     with open_store(alice_config) as a, open_store(alice_config) as b:
         a.put(key, "0")
         for round_ in range(20):
-            barrier = threading.Barrier(2)
-            won: dict[str, bool] = {}
-            old = str(round_)
+            old, new = str(round_), str(round_ + 1)
 
-            def contend(name: str, store: Store, old: str = old,
-                        barrier: threading.Barrier = barrier,
-                        won: dict[str, bool] = won) -> None:
-                barrier.wait()
-                won[name] = store.replace(key, old, str(int(old) + 1))
+            def replace(_: str, store: Store, old: str = old, new: str = new) -> bool:
+                return store.replace(key, old, new)
 
-            threads = [threading.Thread(target=contend, args=(n, s))
-                       for n, s in (("a", a), ("b", b))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            won = race({"a": a, "b": b}, replace)
             assert sorted(won.values()) == [False, True], won
         entry = b.get(key)
         assert entry is not None and entry.value == "20"
