@@ -135,17 +135,15 @@ class JobTraces:
     def __init__(self, box: SandboxState, host: str, job: str) -> None:
         from pyroute2 import IPRoute
 
-        from vcluster.agent import undo
         from vcluster.agent.netdev import job_prefixes
         from vcluster.config.loader import load_config
-        from vcluster.vm.workdir import job_workdir
 
         dirs = load_config(Path(box.host(host).conf)).batch.directories
         self.job = job
         self.host = host
         self.prefixes = job_prefixes(job)
-        self.workdir = job_workdir(dirs.state, job)
-        self.paths = [dirs.run / "jobs" / job, undo.job_dir(dirs.state, job), self.workdir]
+        self.workdir = dirs.layout.work_dir(job)
+        self.paths = list(dirs.layout.job_paths(job))
         self.root = Path(box.dir)
         self.script_log = self.root / "log" / "prolog-epilog.log"
         self.ipr: Any = IPRoute(netns=box.host(host).netns, flags=0)

@@ -126,8 +126,8 @@ def test_debian_cloud_init_applies_the_seed(sandbox: Sandbox, shared: Shared,
     require_image("debian")
     work = sandbox.directory / "hosts" / "h1" / "state" / "work"
     pubkey = (f"{sys.executable} -c \"from vcluster.identity import user_name; "
-              "from vcluster.cli.common import "
-              "load_config; from vcluster.store.session import open_user_store; "
+              "from vcluster.config.loader import "
+              "load_config; from vcluster.session import open_user_store; "
               "from vcluster.store.keys import Keys; c = load_config(); "
               "s = open_user_store(c.batch); k = Keys(c.batch.store.prefix).cluster_key("
               "user_name(), '$VCLUSTER_JOB_ID', 'id_ed25519.pub'); "
@@ -264,10 +264,10 @@ def test_killed_launcher_leaves_nothing_once_the_epilog_ran(
 INTRUDER = r'''
 import json, os, socket, sys
 from vcluster.agent.client import AgentClient, AgentError, socket_path
-from vcluster.cli.common import load_config
+from vcluster.config.loader import load_config
 from vcluster.errors import StorePermissionDenied
 from vcluster.store.keys import Keys
-from vcluster.store.session import open_user_store
+from vcluster.session import open_user_store
 
 job, owner, work, fam = sys.argv[1:5]
 results = {}

@@ -9,11 +9,11 @@ import yaml
 
 from tests.support_vm import SSH_KEY, cluster_spec, disk_boot, vm_plan
 from vcluster.cluster import BootPlan, FamPlan, Readiness, mac_address
+from vcluster.hostpaths import VmFiles
 from vcluster.qemu import FAM_PCI_ADDR, SharedMemory, build_argv
 from vcluster.seed import read_seed, write_seed
 from vcluster.vm import guest, machine
 from vcluster.vm.readiness import LogWatcher, ReadyMatcher
-from vcluster.vm.workdir import VmFiles
 
 TINY = BootPlan(image="tiny@2", kind="initramfs", kernel=Path("/img/vmlinuz"),
                 initrd=Path("/img/initrd"), disk=None, append="console=ttyS0 quiet",

@@ -8,6 +8,7 @@ from pathlib import Path
 from vcluster.config.fields import Section
 from vcluster.config.source import Node
 from vcluster.errors import ConfigError
+from vcluster.hostpaths import HostLayout
 
 BACKENDS = ("slurm",)  # "local" comes with the single-machine mode
 STORE_BACKENDS = ("etcd",)  # "embedded" comes with the single-machine mode
@@ -46,6 +47,11 @@ class Directories:
     state: Path = Path("/var/lib/vcluster")
     run: Path = Path("/run/vcluster")
     images: Path = Path("/var/lib/vcluster/images")
+
+    @property
+    def layout(self) -> HostLayout:
+        """The paths under ``state`` and ``run`` (``vcluster.hostpaths``)."""
+        return HostLayout(state=self.state, run=self.run)
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ def launcher(plan_path: Path, command: str | None, stop_timeout: float | None,
     their progress until all are ready (or one fails), then run the user's shell
     or command with VCLUSTER_JOB_ID set; stop the VMs when it exits and exit
     with its status."""
-    from vcluster.cli.common import load_config
     from vcluster.cluster import ClusterPlan
+    from vcluster.config.loader import load_config
     from vcluster.errors import InputError
     from vcluster.launch.launcher import Launcher, LaunchOptions
     from vcluster.launch.steps import job_environment
+    from vcluster.session import open_user_store
     from vcluster.store.records import from_json
-    from vcluster.store.session import open_user_store
 
     try:
         text = plan_path.read_text()

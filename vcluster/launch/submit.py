@@ -38,8 +38,8 @@ def write_plan(text: str) -> Path:
 
 def submit_alloc(args: list[str], *, cpus: int | None, command: str | None,
                  stop_timeout: float | None, ready_timeout: float, verbose: bool) -> int:
-    from vcluster.cli.common import load_config
     from vcluster.cluster import plan_cluster
+    from vcluster.config.loader import load_config
     from vcluster.store.records import to_json
 
     options, definition = split_definition(args)

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from vcluster.agent.client import AgentClient, AgentError, socket_path
+from vcluster.agent.client import AgentClient, AgentError
 from vcluster.errors import SandboxError
-from vcluster.sandbox import daemons, network, process
+from vcluster.sandbox import daemons, network, process, vconf
 from vcluster.sandbox.state import Host, Process, SandboxState
 
 RECONCILE_INTERVAL = 3.0  # seconds; short, so tests see the reconcile pass quickly
@@ -28,7 +28,7 @@ def name(machine: Host) -> str:
 
 
 def agent_socket(state: SandboxState, machine: Host) -> Path:
-    return socket_path(Path(state.dir) / "hosts" / machine.name / "run")
+    return vconf.machine_layout(Path(state.dir), machine.name).agent_socket
 
 
 def argv(state: SandboxState, machine: Host) -> list[str]:

@@ -155,7 +155,7 @@ def _bring_up(state: SandboxState, options: UpOptions, progress: Progress) -> No
 
     for machine in (state.controller, *state.hosts):
         vconf.write_machine_conf(Path(machine.conf), machine=machine.name,
-                                 machine_dir=base / "hosts" / machine.name, store=access,
+                                 machine_dir=vconf.machine_dir(base, machine.name), store=access,
                                  images=options.images)
     progress(f"vcluster configuration per machine in {base / 'conf'}")
 

@@ -19,6 +19,7 @@ from vcluster.config.batch import BatchConfig, parse_batch
 from vcluster.config.paths import sample_dir
 from vcluster.config.source import load_yaml
 from vcluster.errors import SandboxError, VclusterError
+from vcluster.hostpaths import HostLayout
 
 BATCH = "batch.yaml"
 
@@ -31,6 +32,17 @@ class StoreAccess:
     user: str | None = None
     password_file: Path | None = None
     ca_cert: Path | None = None
+
+
+def machine_dir(sandbox: Path, machine: str) -> Path:
+    """Where a sandbox machine keeps its ``directories.state`` and ``directories.run``."""
+    return sandbox / "hosts" / machine
+
+
+def machine_layout(sandbox: Path, machine: str) -> HostLayout:
+    """The host layout of a sandbox machine, as its batch.yaml says it."""
+    base = machine_dir(sandbox, machine)
+    return HostLayout(state=base / "state", run=base / "run")
 
 
 def batch_settings(store: StoreAccess | None, machine_dir: Path, images: Path) -> dict[str, Any]:
@@ -47,9 +59,10 @@ def batch_settings(store: StoreAccess | None, machine_dir: Path, images: Path) -
             section["ca-cert"] = str(store.ca_cert)
         section["timeout"] = 5
         settings["store"] = section
+    layout = HostLayout(state=machine_dir / "state", run=machine_dir / "run")
     settings["directories"] = {
-        "state": str(machine_dir / "state"),
-        "run": str(machine_dir / "run"),
+        "state": str(layout.state),
+        "run": str(layout.run),
         "images": str(images),
     }
     settings["qemu"] = {"accel": "tcg"}  # nested KVM hangs on the test machines

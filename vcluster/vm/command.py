@@ -66,9 +66,8 @@ def console_attach(job: str, index: int, show_log: bool, lines: int | None) -> N
     """
     from vcluster.config.loader import load_batch
     from vcluster.vm.console import attach, print_log
-    from vcluster.vm.workdir import VmFiles, job_workdir
 
-    files = VmFiles.of(job_workdir(load_batch().directories.state, job), index)
+    files = load_batch().directories.layout.vm(job, index)
     what = f"vm{index} of job {job}"
     if show_log:
         print_log(files.console_log, what, lines)

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vcluster.cluster import ClusterSpec, VmPlan, mac_address
+from vcluster.hostpaths import VmFiles
 from vcluster.qemu import Disk, Nic, SharedMemory, VmSpec, default_cpu
-from vcluster.vm.workdir import VmFiles
 
 
 def disks(vm: VmPlan, files: VmFiles) -> tuple[Disk, ...]:

@@ -33,22 +33,23 @@ from vcluster.agent.client import AgentClient, AgentError, VmDevices, socket_pat
 from vcluster.cluster import ClusterSpec, Readiness, VmPlan
 from vcluster.config.batch import BatchConfig
 from vcluster.errors import VclusterError
+from vcluster.hostpaths import VmFiles
 from vcluster.identity import user_name
 from vcluster.lifecycle import VmState
 from vcluster.qemu import SharedMemory, build_argv, show_argv
 from vcluster.run import run, spawn
 from vcluster.seed import write_seed
+from vcluster.session import open_user_store
 from vcluster.store.base import Store
 from vcluster.store.keys import Keys
 from vcluster.store.records import from_json
-from vcluster.store.session import open_user_store
 from vcluster.vm import guest, machine
 from vcluster.vm.accel import choose_accel
 from vcluster.vm.console import tail_lines
 from vcluster.vm.control import Qmp, QmpError
 from vcluster.vm.readiness import LogWatcher
 from vcluster.vm.state import Publisher
-from vcluster.vm.workdir import VmFiles, make_vm_dir, remove_vm_files
+from vcluster.vm.workdir import make_vm_dir, remove_vm_files
 
 log = logging.getLogger(__name__)
 

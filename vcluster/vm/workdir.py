@@ -1,11 +1,12 @@
-"""Where a VM's files live on its host: ``<job work directory>/vm<i>``.
+"""Making and removing a VM's directory on its host: ``<job work directory>/vm<i>``.
 
 Overlay, seed, extra disks, the console and QMP sockets, the console log and
 QEMU's stderr all go in the VM's directory inside the job's work directory,
 which the host agent makes (the job user's, mode 0700, so other users cannot
 reach the sockets) and removes with everything in it when the job ends,
-however it ends.  ``console-attach`` finds the same directory from this
-host's configuration, the job id and the VM index alone.
+however it ends.  The paths themselves are ``vcluster.hostpaths``'s, so
+``console-attach`` finds the same directory from this host's configuration,
+the job id and the VM index alone.
 """
 
 from __future__ import annotations
@@ -14,59 +15,9 @@ import contextlib
 import os
 import shutil
 import stat
-from dataclasses import dataclass
-from pathlib import Path
 
 from vcluster.errors import VclusterError
-
-
-def job_workdir(state: Path, job: str) -> Path:
-    """The job's work directory on this host (``directories.state`` of batch.yaml)."""
-    from vcluster.agent.workdir import work_path
-
-    return work_path(state, job)
-
-
-@dataclass(frozen=True)
-class VmFiles:
-    """The paths of one VM's files (nothing here touches the disk)."""
-
-    dir: Path
-
-    @classmethod
-    def of(cls, workdir: Path, index: int) -> VmFiles:
-        return cls(workdir / f"vm{index}")
-
-    @property
-    def overlay(self) -> Path:
-        return self.dir / "root.qcow2"
-
-    @property
-    def seed(self) -> Path:
-        return self.dir / "seed.iso"
-
-    @property
-    def console_socket(self) -> Path:
-        return self.dir / "console.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.dir / "console.log"
-
-    @property
-    def qmp_socket(self) -> Path:
-        return self.dir / "qmp.sock"
-
-    @property
-    def guest_agent_socket(self) -> Path:
-        return self.dir / "qga.sock"
-
-    @property
-    def qemu_stderr(self) -> Path:
-        return self.dir / "qemu.stderr"
-
-    def disk(self, name: str) -> Path:
-        return self.dir / f"disk-{name}.qcow2"
+from vcluster.hostpaths import VmFiles
 
 
 def make_vm_dir(files: VmFiles) -> None:

@@ -1,4 +1,4 @@
-"""The store as the calling user sees it.
+"""The store as the calling user sees it: above both the store and the agent client.
 
 The site's store password stays root's.  A caller who can read the password
 file of batch.yaml (root: the agent, site tools) logs in with it; everyone
@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from vcluster.agent.client import AgentClient, AgentError
 from vcluster.config.batch import BatchConfig
 from vcluster.errors import StoreUnavailable
 from vcluster.store import open_store
@@ -30,9 +31,7 @@ def open_user_store(batch: BatchConfig) -> Store:
     config = batch.store
     if config.user is None or _readable(config.password_file):
         return open_store(config)
-    from vcluster.agent.client import AgentClient, AgentError, socket_path
-
-    path = socket_path(batch.directories.run)
+    path = batch.directories.layout.agent_socket
     try:
         answer = AgentClient(path).credentials()
         user, password = str(answer["user"]), str(answer["password"])
