@@ -246,7 +246,7 @@ def nothing_left(tool: JobTool, job: str, host: str = "h1") -> None:
 
 _OPEN_STORE = ("import json, os; from pathlib import Path; "
                "from vcluster.config.batch import parse_batch; "
-               "from vcluster.config.source import load_yaml; "
+               "from vcluster.schema.source import load_yaml; "
                "from vcluster.store import open_store; "
                "p = Path(os.environ['VCLUSTER_CONF']) / 'batch.yaml'; "
                "s = open_store(parse_batch(load_yaml(p), p).store); ")

@@ -64,7 +64,7 @@ import json, sys, time
 from pathlib import Path
 from vcluster.config.batch import parse_batch
 from vcluster.config.paths import system_dir
-from vcluster.config.source import load_yaml
+from vcluster.schema.source import load_yaml
 from vcluster.store import open_store
 path = system_dir() / "batch.yaml"
 store = open_store(parse_batch(load_yaml(path), path).store)

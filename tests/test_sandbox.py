@@ -14,8 +14,8 @@ import pytest
 
 from tests.support_sandbox import Sandbox, running_sandbox, sandbox, sandbox_dir, vcluster
 from vcluster.config.batch import parse_batch
-from vcluster.config.source import load_yaml
 from vcluster.sandbox.slurmconf import SANDBOX_OVERRIDES, parse_fragment, slurm_dir
+from vcluster.schema.source import load_yaml
 
 __all__ = ["sandbox", "sandbox_dir"]  # fixtures, imported so that pytest finds them
 
@@ -28,7 +28,7 @@ STORE_SETUP = """
 import os, socket
 from pathlib import Path
 from vcluster.config.batch import parse_batch
-from vcluster.config.source import load_yaml
+from vcluster.schema.source import load_yaml
 from vcluster.store.etcd import EtcdStore
 path = Path(os.environ["VCLUSTER_CONF"]) / "batch.yaml"
 store = EtcdStore(parse_batch(load_yaml(path), path).store)

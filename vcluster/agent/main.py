@@ -39,8 +39,8 @@ from pathlib import Path
 from vcluster.agent.client import AgentClient, AgentError, socket_path
 from vcluster.config.batch import BatchConfig, parse_batch
 from vcluster.config.paths import system_dir
-from vcluster.config.source import load_yaml
 from vcluster.errors import VclusterError
+from vcluster.schema.source import load_yaml
 
 log = logging.getLogger("vcluster.agent")
 

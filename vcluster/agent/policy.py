@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vcluster.agent.protocol import MAX_REGIONS, NetworkSpec, bad_request, denied
-from vcluster.config.fields import format_size
 from vcluster.config.resources import parse_networks, parse_resources
-from vcluster.config.source import load_yaml
+from vcluster.schema.fields import format_size
+from vcluster.schema.source import load_yaml
 
 NETWORKS = "networks.yaml"
 RESOURCES = "resources.yaml"

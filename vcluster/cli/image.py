@@ -14,7 +14,7 @@ def default_repo() -> Path:
     """The user's repository; for root, the site's (``directories.images`` of batch.yaml)."""
     if os.geteuid() == 0:
         from vcluster.config.batch import parse_batch
-        from vcluster.config.source import load_yaml
+        from vcluster.schema.source import load_yaml
 
         batch = system_dir() / "batch.yaml"
         if batch.is_file():

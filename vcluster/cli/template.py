@@ -35,8 +35,8 @@ def list_templates() -> None:
 
 def describe_fields(t: Template) -> list[tuple[str, str, str]]:
     """(key, value, origin) for every field of a resolved template."""
-    from vcluster.config.fields import format_size
     from vcluster.config.resolve import ATTRIBUTES
+    from vcluster.schema.fields import format_size
 
     def show(key: str, value: object) -> str:
         if value is None or value == ():

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vcluster.config.fields import Section
-from vcluster.config.source import Node
 from vcluster.errors import ConfigError
 from vcluster.hostpaths import HostLayout
+from vcluster.schema.fields import Section
+from vcluster.schema.source import Node
 
 BACKENDS = ("slurm",)  # "local" comes with the single-machine mode
 STORE_BACKENDS = ("etcd",)  # "embedded" comes with the single-machine mode

@@ -15,10 +15,10 @@ from vcluster.config.batch import BatchConfig, parse_batch
 from vcluster.config.paths import system_dir, user_dir
 from vcluster.config.resolve import resolve_templates
 from vcluster.config.resources import ResourceSet, parse_networks, parse_resources
-from vcluster.config.source import load_yaml
 from vcluster.config.templates import RawTemplate, Template, parse_templates
 from vcluster.errors import ConfigError
 from vcluster.networks import Network
+from vcluster.schema.source import load_yaml
 
 
 @dataclass(frozen=True)

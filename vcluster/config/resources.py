@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vcluster.config.fields import Section, format_size
-from vcluster.config.source import Node
 from vcluster.errors import ConfigError, Origin
 from vcluster.networks import Network, parse_network
+from vcluster.schema.fields import Section, format_size
+from vcluster.schema.source import Node
 
 DEFAULT_FAM_MAX = 1 << 30
 DEFAULT_FAM_SIZE = 64 << 20

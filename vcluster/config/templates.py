@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vcluster.config.fields import Section, describe
-from vcluster.config.source import Node
 from vcluster.errors import ConfigError, Origin
+from vcluster.schema.fields import Section, describe
+from vcluster.schema.source import Node
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_EXPECTED = "a name of letters, digits, '.', '_' or '-'"

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vcluster.config.fields import Section
-from vcluster.config.source import Node, load_yaml
 from vcluster.errors import ConfigError, ImageError, Origin
+from vcluster.schema.fields import Section
+from vcluster.schema.source import Node, load_yaml
 
 KINDS = ("disk", "initramfs")
 RECIPE_KEYS = ("description", "parents", "kind", "suite", "mirror", "packages", "overlay",

@@ -11,8 +11,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from vcluster.config.fields import Section
 from vcluster.errors import Origin
+from vcluster.schema.fields import Section
 
 # type name -> module; new types register here and load on demand.
 NETWORK_TYPES: dict[str, str] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from vcluster.config.fields import Section
+from vcluster.schema.fields import Section
 
 
 def subnet(section: Section, key: str = "subnet", *, smallest_prefix: int = 8,

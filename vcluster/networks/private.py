@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from vcluster.config.fields import Section
 from vcluster.networks import Network
 from vcluster.networks.addressing import port_range, subnet
+from vcluster.schema.fields import Section
 
 VNI_MAX = (1 << 24) - 1
 

@@ -17,9 +17,9 @@ import yaml
 
 from vcluster.config.batch import BatchConfig, parse_batch
 from vcluster.config.paths import sample_dir
-from vcluster.config.source import load_yaml
 from vcluster.errors import SandboxError, VclusterError
 from vcluster.hostpaths import HostLayout
+from vcluster.schema.source import load_yaml
 
 BATCH = "batch.yaml"
 
