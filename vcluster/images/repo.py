@@ -30,18 +30,19 @@ user's first, then the site's) by ``resolve_image``.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vcluster import codec
 from vcluster.errors import ImageError, InputError
+from vcluster.files import write_atomically
 
 FORMAT = 1
 KINDS = ("disk", "initramfs")
@@ -66,21 +67,18 @@ class ImageInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        return codec.to_json(self, indent=2)
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> ImageInfo:
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r} is not {FORMAT}")
-            info = cls(**data)
-        except (ValueError, TypeError) as e:
-            raise ImageError(f"{where}: not a valid image description: {e}") from e
-        if info.kind not in KINDS or not isinstance(info.files, dict):
-            raise ImageError(f"{where}: not a valid image description: kind {info.kind!r}")
+        info = codec.from_json(cls, text, what=f"{where}: not a valid image description:",
+                               error=ImageError)
+        if info.format != FORMAT:
+            raise ImageError(f"{where}: not a valid image description: format {info.format} "
+                             f"is not {FORMAT}")
+        if info.kind not in KINDS:
+            raise ImageError(f"{where}: not a valid image description: kind {info.kind!r} "
+                             f"(expected {' or '.join(KINDS)})")
         return info
 
 
@@ -195,7 +193,7 @@ class Repository:
         rev = revisions[-1] + 1 if revisions else 0
         while True:
             final = replace(info, revision=rev, created=created)
-            (staging / INFO_FILE).write_text(final.to_json())
+            write_atomically(staging / INFO_FILE, final.to_json(), mode=0o644)
             try:
                 os.rename(staging, base / str(rev))
             except OSError as e:

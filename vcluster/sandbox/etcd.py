@@ -32,9 +32,9 @@ that can reach the endpoint uses ``vcluster.store`` as usual.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -43,7 +43,7 @@ from pathlib import Path
 
 from vcluster.config.batch import StoreConfig
 from vcluster.errors import CommandError, SandboxError
-from vcluster.run import run, spawn
+from vcluster.run import run, spawn, stop, stop_all
 
 ROOT_USER = "root"
 
@@ -270,33 +270,31 @@ def _is_our_etcd(server: EtcdServer) -> bool:
     return state != "Z" and str(server.data_dir).encode() in cmdline
 
 
+@dataclass
+class _EtcdProcess:
+    """The server as ``run.stop_all`` sees it: by PID, checked to still be that etcd."""
+
+    server: EtcdServer
+
+    def alive(self) -> bool:
+        return _is_our_etcd(self.server)
+
+    def signal(self, signum: int) -> None:
+        if _is_our_etcd(self.server):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.server.pid, signum)
+
+
 def stop_etcd(server: EtcdServer, timeout: float = 10.0) -> None:
     """Stop the server by its PID: SIGTERM, then SIGKILL after ``timeout``.
 
     Safe to call twice, and from another process than the one that started it
     (the PID is checked to still be that etcd first).
     """
-    if server.process is not None:
-        if server.process.poll() is None:
-            server.process.terminate()
-            try:
-                server.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                server.process.wait()
-        return
-    if not _is_our_etcd(server):
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(server.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while _is_our_etcd(server):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+    try:
+        if server.process is not None:
+            stop(server.process, timeout)
         else:
-            return
-    raise SandboxError(f"etcd (pid {server.pid}) did not exit after SIGKILL")
+            stop_all([_EtcdProcess(server)], timeout)
+    except CommandError as e:
+        raise SandboxError(f"etcd (pid {server.pid}): {e}") from e

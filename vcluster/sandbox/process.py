@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from vcluster.errors import SandboxError
+from vcluster import run
+from vcluster.errors import CommandError, SandboxError
 from vcluster.run import spawn
 from vcluster.sandbox.state import Process
 
@@ -88,34 +89,29 @@ def wait_until(
         time.sleep(interval)
 
 
-def _signal_all(procs: Sequence[Process], sig: signal.Signals) -> None:
-    for proc in procs:
-        if alive(proc):
+@dataclass
+class Daemon:
+    """A sandbox daemon as ``run.stop_all`` sees it: alive by PID *and* start time."""
+
+    proc: Process
+
+    def alive(self) -> bool:
+        return alive(self.proc)
+
+    def signal(self, signum: int) -> None:
+        if alive(self.proc):  # never signal a stranger who got the PID since
             with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, sig)
-
-
-def _wait_all(procs: Sequence[Process], timeout: float) -> list[Process]:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [p for p in procs if alive(p)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.02)
+                os.kill(self.proc.pid, signum)
 
 
 def stop_all(procs: Sequence[Process], timeout: float = 10.0) -> list[Process]:
     """SIGTERM all at once, SIGKILL what remains after ``timeout``; returns the killed ones."""
-    _signal_all(procs, signal.SIGTERM)
-    stubborn = _wait_all(procs, timeout)
-    if not stubborn:
-        return []
-    _signal_all(stubborn, signal.SIGKILL)
-    survivors = _wait_all(stubborn, 5.0)
-    if survivors:
-        raise SandboxError("still running after SIGKILL: "
-                           + ", ".join(f"{p.name} (pid {p.pid})" for p in survivors))
-    return stubborn
+    try:
+        endings = run.stop_all([Daemon(p) for p in procs], timeout)
+    except CommandError as e:
+        raise SandboxError(f"{e} (of {', '.join(f'{p.name} pid {p.pid}' for p in procs)})") \
+            from e
+    return [procs[i] for i, ending in endings.items() if ending is run.Ending.KILLED]
 
 
 def tail(path: Path, lines: int = 5) -> str:

@@ -8,14 +8,14 @@ sandboxes, or a sandbox and anything else on the machine, never collide.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from vcluster import codec
 from vcluster.errors import SandboxError
+from vcluster.files import write_atomically
 
 STATE_FILE = "state.json"
 DEFAULT_DIR = Path("/var/tmp/vcluster-sandbox")
@@ -130,24 +130,7 @@ class SandboxState:
 
     def save(self) -> None:
         """Write atomically: a crash never leaves half a state file behind."""
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, self.path)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SandboxState:
-        data = dict(data)
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-        ctl = data.pop("controller", None)
-        hosts = data.pop("hosts", [])
-        procs = data.pop("processes", [])
-        return cls(
-            controller=Host(**ctl) if ctl else None,
-            hosts=[Host(**h) for h in hosts],
-            processes=[Process(**p) for p in procs],
-            **data,
-        )
+        write_atomically(self.path, codec.to_json(self, indent=2), mode=0o644)
 
 
 def load(directory: Path) -> SandboxState | None:
@@ -159,10 +142,12 @@ def load(directory: Path) -> SandboxState | None:
         return None
     except OSError as e:
         raise SandboxError(f"cannot read {path}: {e.strerror}") from e
-    try:
-        return SandboxState.from_json(json.loads(text))
-    except (ValueError, TypeError) as e:
-        raise SandboxError(f"{path}: not a sandbox state file ({e})") from e
+    state = codec.from_json(SandboxState, text, what=f"{path}: not a sandbox state file:",
+                            error=SandboxError)
+    if state.format != FORMAT:
+        raise SandboxError(f"{path}: state file format {state.format}, this vcluster reads "
+                           f"{FORMAT} (bring the sandbox down with the vcluster that made it)")
+    return state
 
 
 def require(directory: Path) -> SandboxState:
