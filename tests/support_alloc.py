@@ -22,34 +22,7 @@ from pathlib import Path
 from tests.support_agent import JobTool, epilog_ran, nothing_left, store_keys, wait_for
 from tests.support_sandbox import Sandbox
 
-QGA_SCRIPT = r'''
-"""Run a shell command in a guest through its qemu-guest-agent socket; print its output."""
-import base64, json, socket, sys, time
-
-sock = socket.socket(socket.AF_UNIX)
-sock.settimeout(30)
-sock.connect(sys.argv[1])
-stream = sock.makefile("rw")
-
-def call(execute, **arguments):
-    stream.write(json.dumps({"execute": execute, "arguments": arguments}) + "\n")
-    stream.flush()
-    while True:
-        answer = json.loads(stream.readline())
-        if "return" in answer or "error" in answer:
-            return answer
-
-call("guest-sync", id=4242)
-pid = call("guest-exec", path="/bin/sh", arg=["-c", sys.argv[2]],
-           **{"capture-output": True})["return"]["pid"]
-for _ in range(300):
-    status = call("guest-exec-status", pid=pid)["return"]
-    if status["exited"]:
-        sys.stdout.write(base64.b64decode(status.get("out-data", "")).decode())
-        sys.exit(status.get("exitcode", 0))
-    time.sleep(0.1)
-sys.exit("the command did not finish in 30 s")
-'''
+QGA_SCRIPT = (Path(__file__).resolve().parent / "helpers" / "qga_exec.py").read_text()
 
 _JOB = re.compile(r"vcluster: job (\d+): starting")
 

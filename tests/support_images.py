@@ -131,27 +131,15 @@ def boot(vms: list[TestVm], spec: VmSpec, workdir: Path) -> TestVm:
     return vm
 
 
+GUEST_SCRIPTS = Path(__file__).resolve().parent / "guest"
+
+
+def guest_script(name: str) -> str:
+    """A script the tests run inside guests (``tests/guest/``, shellchecked by test_linters)."""
+    return (GUEST_SCRIPTS / name).read_text()
+
+
 # Two tiny guests playing ping-pong through their FAM region (BAR2): A writes a marker,
 # B reads it and answers at offset 8, A reads the answer.
-FAM_A = """#!/bin/sh
-fam write 0 0x76636c31
-echo "fam-a: wrote $(fam read 0)"
-for i in $(seq 600); do
-    v=$(fam read 8)
-    if [ "$v" = 0x62626232 ]; then echo "fam-a: read $v"; exit 0; fi
-    sleep 0.1
-done
-echo "fam-a: timeout"
-"""
-FAM_B = """#!/bin/sh
-for i in $(seq 600); do
-    v=$(fam read 0)
-    if [ "$v" = 0x76636C31 ]; then
-        echo "fam-b: read $v"
-        fam write 8 0x62626232
-        exit 0
-    fi
-    sleep 0.1
-done
-echo "fam-b: timeout"
-"""
+FAM_A = guest_script("fam-a.sh")
+FAM_B = guest_script("fam-b.sh")

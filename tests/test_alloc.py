@@ -32,7 +32,7 @@ from tests.support_alloc import (
     shared_dir,
     touch,
 )
-from tests.support_images import require_image
+from tests.support_images import guest_script, require_image
 from tests.support_sandbox import Sandbox, sandbox
 
 __all__ = ["sandbox"]
@@ -42,19 +42,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.qemu, pytest.mark.images]
 ALICE, BOB = "vcalloc-alice", "vcalloc-bob"
 MARKER = "0x76636C31"
 
-FAM_SCRIPT = f"""#!/bin/sh
-# vm0 writes a marker through its BAR2 mapping; vm1 waits for it through its own.
-if [ "$(hostname)" = vm0 ]; then
-    fam write 0 {MARKER} && echo "fam-test: vm0 wrote {MARKER}"
-else
-    for i in $(seq 600); do
-        v=$(fam read 0)
-        if [ "$v" = {MARKER} ]; then echo "fam-test: vm1 read $v"; exit 0; fi
-        sleep 0.1
-    done
-    echo "fam-test: vm1 timed out"
-fi
-"""
+FAM_SCRIPT = guest_script("fam-test.sh")  # writes or waits for MARKER
 
 TEMPLATES = """\
 famtest:

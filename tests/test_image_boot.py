@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support_images import FAM_A, FAM_B, TestVm, boot, require_image, vm_factory
+from tests.support_images import (
+    FAM_A,
+    FAM_B,
+    TestVm,
+    boot,
+    guest_script,
+    require_image,
+    vm_factory,
+)
 from vcluster.qemu import Disk, SharedMemory, VmSpec
 from vcluster.run import run
 from vcluster.seed import (
@@ -66,11 +74,7 @@ def test_tiny_boots_to_its_shell(workdir: Path, vms: list[TestVm], interface: st
     vm.wait_for("42-from-the-shell", 10)
 
 
-NET_CHECK = """#!/bin/sh
-echo "net-check: $(ip -o -4 addr show | grep -v ' lo ' | tr -s ' ' | cut -d' ' -f2,4)"
-ip link add vx0 type vxlan id 42 local 127.0.0.1 dstport 4789 && echo "net-check: vxlan ok"
-ip link add br0 type bridge && echo "net-check: bridge ok"
-"""
+NET_CHECK = guest_script("net-check.sh")
 
 
 def test_tiny_applies_network_config_and_has_vxlan(workdir: Path, vms: list[TestVm]) -> None:

@@ -24,23 +24,7 @@ LINE = re.compile(r"^\S+ (?P<script>prolog|epilog) job=(?P<job>\d+) node=(?P<nod
                   r" agent=(?P<agent>.*)$")
 
 
-STORE_SETUP = """
-import os, socket
-from pathlib import Path
-from vcluster.config.batch import parse_batch
-from vcluster.schema.source import load_yaml
-from vcluster.store.etcd import EtcdStore
-path = Path(os.environ["VCLUSTER_CONF"]) / "batch.yaml"
-store = EtcdStore(parse_batch(load_yaml(path), path).store)
-"""
-STORE_ROUND_TRIP = STORE_SETUP + """
-store.put("/vcluster/sandbox-test/writer", socket.gethostname())
-print(store.get("/vcluster/sandbox-test/writer").value)
-"""
-STORE_GET = STORE_SETUP + """
-print(store.get("/vcluster/sandbox-test/writer").value)
-store.delete("/vcluster/sandbox-test/writer")
-"""
+STORE_HELPER = str(Path(__file__).resolve().parent / "helpers" / "sandbox_store.py")
 
 
 def netns_names() -> set[str]:
@@ -163,8 +147,8 @@ def test_hosts_users_and_configuration(sandbox: Sandbox) -> None:
         assert (sandbox.conf(machine) / "templates.yaml").is_file()
 
     # The store, through the machine's own batch.yaml, from a host's namespace.
-    assert sandbox.run([sys.executable, "-c", STORE_ROUND_TRIP], host="h1").stdout == "h1\n"
-    whoami = sandbox.run([sys.executable, "-c", STORE_GET], host="h3").stdout
+    assert sandbox.run([sys.executable, STORE_HELPER, "put"], host="h1").stdout == "h1\n"
+    whoami = sandbox.run([sys.executable, STORE_HELPER, "get"], host="h3").stdout
     assert whoami == "h1\n"
 
     # A job of an unprivileged user: the scripts still run as root, and see the job's uid.
