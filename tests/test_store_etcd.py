@@ -1,4 +1,9 @@
-"""The etcd store against a real etcd (TLS, auth enabled), started by the tests."""
+"""What only the etcd store has, against a real etcd (TLS, auth enabled) started by the tests.
+
+TLS, authentication, token expiry, roles confined to a prefix, unreachable
+servers.  Store semantics (keys, revisions, transactions, watches, leases,
+closing) are tested on every backend in tests/test_store_conformance.py.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +11,23 @@ import logging
 import os
 import secrets
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.support_etcd import free_port, running_etcd, silent_listener
+from tests.support_store import events
 from vcluster.config.batch import StoreConfig
-from vcluster.errors import StoreError, StorePermissionDenied, StoreUnavailable
-from vcluster.lifecycle import VmState
+from vcluster.errors import StorePermissionDenied, StoreUnavailable
 from vcluster.run import run
 from vcluster.sandbox.etcd import EtcdServer, add_prefix_user, make_certificates, stop_etcd
 from vcluster.store import open_store
-from vcluster.store.base import (
-    Compare,
-    Delete,
-    EventType,
-    Get,
-    LeaseExpired,
-    Put,
-    Store,
-    StoreClosed,
-    Watch,
-    WatchEvent,
-    absent,
-    unchanged_since,
-)
+from vcluster.store.base import Store
 from vcluster.store.etcd import EtcdStore
 from vcluster.store.keys import Keys
-from vcluster.store.records import VmRecord, from_json, to_json
 
 pytestmark = pytest.mark.etcd
 
@@ -75,221 +65,6 @@ def root(server: EtcdServer) -> Iterator[EtcdStore]:
 def cluster() -> str:
     """A fresh cluster prefix of alice's, so tests do not see each other's keys."""
     return KEYS.cluster_prefix("alice", secrets.token_hex(4))
-
-
-def events(watch: Watch, count: int, timeout: float = 5.0) -> list[WatchEvent]:
-    """Up to ``count`` events, waiting at most ``timeout`` in all."""
-    got: list[WatchEvent] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count and time.monotonic() < deadline:
-        event = watch.get(timeout=deadline - time.monotonic())
-        if event is not None:
-            got.append(event)
-    return got
-
-
-# ------------------------------------------------------------ compare-and-swap
-
-
-def race(stores: dict[str, Store], attempt: Callable[[str, Store], bool]) -> dict[str, bool]:
-    """Start ``attempt(name, store)`` for every client at the same instant; who won."""
-    barrier = threading.Barrier(len(stores))
-    won: dict[str, bool] = {}
-
-    def contend(name: str, store: Store) -> None:
-        barrier.wait()
-        won[name] = attempt(name, store)
-
-    threads = [threading.Thread(target=contend, args=item) for item in stores.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return won
-
-
-def test_two_clients_race_create_exactly_one_wins(alice_config: StoreConfig,
-                                                   cluster: str) -> None:
-    with open_store(alice_config) as a, open_store(alice_config) as b:
-        for round_ in range(20):
-            key = f"{cluster}race{round_}"
-
-            def create(name: str, store: Store, key: str = key) -> bool:
-                return store.create(key, name)
-
-            won = race({"a": a, "b": b}, create)
-            assert sorted(won.values()) == [False, True], won
-            winner = next(n for n, w in won.items() if w)
-            entry = a.get(key)
-            assert entry is not None and entry.value == winner
-
-
-def test_two_clients_race_replace_exactly_one_wins(alice_config: StoreConfig,
-                                                    cluster: str) -> None:
-    key = f"{cluster}counter"
-    with open_store(alice_config) as a, open_store(alice_config) as b:
-        a.put(key, "0")
-        for round_ in range(20):
-            old, new = str(round_), str(round_ + 1)
-
-            def replace(_: str, store: Store, old: str = old, new: str = new) -> bool:
-                return store.replace(key, old, new)
-
-            won = race({"a": a, "b": b}, replace)
-            assert sorted(won.values()) == [False, True], won
-        entry = b.get(key)
-        assert entry is not None and entry.value == "20"
-
-
-def test_general_transaction(alice: Store, cluster: str) -> None:
-    key, other = f"{cluster}a", f"{cluster}b"
-    revision = alice.put(key, "1")
-    entry = alice.get(key)
-    assert entry is not None and entry.mod_revision == revision
-    result = alice.txn([unchanged_since(key, revision), absent(other)],
-                       [Put(other, "2"), Get(cluster, prefix=True)],
-                       [Get(key)])
-    assert result.succeeded
-    assert result.results[0] is None
-    listed = result.results[1]
-    assert listed is not None and [(e.key, e.value) for e in listed] == [(key, "1"), (other, "2")]
-    # The same comparisons now fail: the failure branch runs and reads.
-    result = alice.txn([absent(other)], [Delete(cluster, prefix=True)], [Get(other)])
-    assert not result.succeeded
-    assert result.results[0] is not None and result.results[0][0].value == "2"
-    result = alice.txn([Compare(key, "version", "==", 1)], [Delete(cluster, prefix=True)])
-    assert result.succeeded and alice.get_prefix(cluster).entries == ()
-
-
-# ------------------------------------------------------------ keys and records
-
-
-def test_get_put_delete_and_prefix(alice: Store, cluster: str) -> None:
-    assert alice.get(f"{cluster}missing") is None
-    for i in (2, 0, 1):
-        alice.put(f"{cluster}vms/{i}", f"vm{i}")
-    snap = alice.get_prefix(f"{cluster}vms/")
-    assert [e.key for e in snap] == [f"{cluster}vms/{i}" for i in range(3)]
-    assert snap.revision >= max(e.mod_revision for e in snap)
-    assert alice.delete(f"{cluster}vms/0") is True
-    assert alice.delete(f"{cluster}vms/0") is False
-    assert alice.delete_prefix(f"{cluster}vms/") == 2
-    assert len(alice.get_prefix(cluster)) == 0
-
-
-def test_record_round_trips_through_etcd(alice: Store, cluster: str) -> None:
-    record = VmRecord(VmState.BOOTING, host="h1", addresses=("10.0.0.2", "fd00::2"),
-                      since=1700000000.25)
-    alice.put(f"{cluster}vms/0", to_json(record))
-    entry = alice.get(f"{cluster}vms/0")
-    assert entry is not None and from_json(VmRecord, entry.value) == record
-
-
-# ------------------------------------------------------------ watches
-
-
-def test_prefix_watch_sees_puts_and_deletes_in_order(alice: Store, cluster: str) -> None:
-    with alice.watch_prefix(cluster) as watch:
-        alice.put(f"{cluster}x", "1")
-        alice.put(f"{cluster}y", "2")
-        alice.put(f"{cluster}x", "3")
-        alice.delete(f"{cluster}y")
-        alice.put(f"{cluster[:-1]}-sibling/k", "not under the prefix")
-        alice.delete_prefix(cluster)
-        got = events(watch, 5)
-    assert [(e.type, e.key.removeprefix(cluster), e.value) for e in got] == [
-        (EventType.PUT, "x", "1"),
-        (EventType.PUT, "y", "2"),
-        (EventType.PUT, "x", "3"),
-        (EventType.DELETE, "y", ""),
-        (EventType.DELETE, "x", ""),
-    ]
-    revisions = [e.revision for e in got]
-    assert revisions == sorted(revisions) and len(set(revisions)) == 5
-
-
-def test_watch_from_a_revision_misses_nothing(alice: Store, cluster: str) -> None:
-    alice.put(f"{cluster}a", "1")
-    snap = alice.get_prefix(cluster)
-    alice.put(f"{cluster}b", "2")  # between the read and the watch
-    with alice.watch_prefix(cluster, start_revision=snap.revision + 1) as watch:
-        alice.put(f"{cluster}c", "3")
-        got = events(watch, 2)
-        assert watch.get(timeout=0.3) is None
-    assert [e.key.removeprefix(cluster) for e in got] == ["b", "c"]
-
-
-def test_watch_callback_and_cancel(alice: Store, cluster: str) -> None:
-    seen: list[WatchEvent] = []
-    arrived = threading.Event()
-
-    def record(event: WatchEvent) -> None:
-        seen.append(event)
-        arrived.set()
-
-    watch = alice.watch(f"{cluster}k", callback=record)
-    alice.put(f"{cluster}k", "1")
-    alice.put(f"{cluster}other", "ignored")
-    assert arrived.wait(5)
-    watch.cancel()
-    alice.put(f"{cluster}k", "2")
-    time.sleep(0.3)
-    assert [(e.key, e.value) for e in seen] == [(f"{cluster}k", "1")]
-    assert watch.get(timeout=0.1) is None  # ended
-
-
-# ------------------------------------------------------------ leases
-
-
-def test_expired_lease_removes_its_keys(alice: Store, cluster: str) -> None:
-    lease = alice.grant(2)
-    alice.put(f"{cluster}host", "registered", lease=lease)
-    alice.put(f"{cluster}plain", "stays")
-    with alice.watch_prefix(cluster) as watch:
-        assert alice.get(f"{cluster}host") is not None
-        assert alice.get(f"{cluster}host").lease == lease.id  # type: ignore[union-attr]
-        got = events(watch, 1, timeout=10)
-    assert [(e.type, e.key) for e in got] == [(EventType.DELETE, f"{cluster}host")]
-    assert alice.get(f"{cluster}host") is None
-    assert alice.get(f"{cluster}plain") is not None
-    assert alice.time_to_live(lease) == -1
-    with pytest.raises(LeaseExpired, match="expired or was revoked"):
-        alice.keep_alive(lease)
-    with pytest.raises(LeaseExpired):
-        alice.put(f"{cluster}late", "x", lease=lease)
-    alice.revoke(lease)  # already gone: no error
-
-
-def test_kept_alive_lease_outlives_its_ttl_and_revoke_ends_it(alice: Store,
-                                                              cluster: str) -> None:
-    lease = alice.grant(2)
-    assert alice.create(f"{cluster}host", "registered", lease=lease)
-    keeper = alice.keep_alive_in_background(lease, interval=0.5)
-    try:
-        time.sleep(3.5)
-        assert alice.get(f"{cluster}host") is not None
-        assert keeper.error is None and not keeper.lost
-    finally:
-        keeper.stop()
-    assert alice.keep_alive(lease) >= 1
-    alice.revoke(lease)
-    assert alice.get(f"{cluster}host") is None
-
-
-def test_lease_keeper_reports_a_lost_lease(alice: Store, cluster: str) -> None:
-    lease = alice.grant(5)
-    alice.put(f"{cluster}host", "registered", lease=lease)
-    lost: list[StoreError] = []
-    keeper = alice.keep_alive_in_background(lease, interval=0.2, on_lost=lost.append)
-    try:
-        alice.revoke(lease)  # someone else ends it (an operator, a partition)
-        deadline = time.monotonic() + 5
-        while not lost and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert keeper.lost and isinstance(lost[0], LeaseExpired)
-        assert alice.get(f"{cluster}host") is None
-    finally:
-        keeper.stop()
 
 
 # ------------------------------------------------------------ authentication
@@ -488,10 +263,3 @@ def test_etcd_runs_inside_a_network_namespace(tmp_path: Path, netns: str) -> Non
         with pytest.raises(StoreUnavailable, match=server.endpoint):
             open_store(server.store_config("dave", password_file))
         assert time.monotonic() - start < 5
-
-
-def test_closed_store_refuses_calls(alice_config: StoreConfig) -> None:
-    store = open_store(alice_config)
-    store.close()
-    with pytest.raises(StoreClosed, match="closed"):
-        store.get(KEYS.user_prefix("alice") + "x")

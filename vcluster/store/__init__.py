@@ -2,9 +2,11 @@
 
 ``open_store(config)`` returns the Store for ``store:`` in batch.yaml; the
 backend (and its gRPC stack) is imported only when a store is opened, so
-commands that never touch the store stay fast.  The interface and its types
-are in ``vcluster.store.base``, the key layout in ``vcluster.store.keys`` and
-the stored records in ``vcluster.store.records``.
+commands that never touch the store stay fast.  ``MemoryStore`` is the same
+interface with etcd's semantics in this process's memory, standard library
+only (tests construct it directly).  The interface and its types are in
+``vcluster.store.base``, the key layout in ``vcluster.store.keys`` and the
+stored records in ``vcluster.store.records``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from vcluster.config.batch import StoreConfig
 from vcluster.errors import ConfigError
 from vcluster.store.base import Store
+from vcluster.store.memory import MemoryStore
 
 
 def open_store(config: StoreConfig, password: str | None = None) -> Store:
@@ -27,4 +30,4 @@ def open_store(config: StoreConfig, password: str | None = None) -> Store:
     raise ConfigError(None, "store.backend", f"{config.backend!r} is not available", "etcd")
 
 
-__all__ = ["Store", "open_store"]
+__all__ = ["MemoryStore", "Store", "open_store"]
