@@ -146,6 +146,15 @@ def test_hosts_users_and_configuration(sandbox: Sandbox) -> None:
         assert batch.directories.state == sandbox.directory / "hosts" / machine / "state"
         assert (sandbox.conf(machine) / "templates.yaml").is_file()
 
+    # Hosts reach each other over links with room for VXLAN around a 1500-byte frame,
+    # at addresses apart from the sample private network's.
+    link = "vc" + sandbox.id.removeprefix("vcsb-") + "-eth"  # SandboxState.tag + "-eth"
+    shown = sandbox.run(["ip", "-o", "link", "show", link], host="h2").stdout.split()
+    assert int(shown[shown.index("mtu") + 1]) >= 1550
+    address = sandbox.run(["ip", "-o", "-4", "addr", "show", link],
+                          host="h2").stdout.split()[3]
+    assert address == "10.199.0.12/24"
+
     # The store, through the machine's own batch.yaml, from a host's namespace.
     assert sandbox.run([sys.executable, STORE_HELPER, "put"], host="h1").stdout == "h1\n"
     whoami = sandbox.run([sys.executable, STORE_HELPER, "get"], host="h3").stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 from vcluster.errors import SandboxError, VclusterError
 from vcluster.run import run
@@ -44,10 +45,16 @@ def create_machine(state: SandboxState, host: Host) -> None:
     run(["unshare", f"--uts={host.uts}", "hostname", host.name])
 
 
-def _up(ipr: object, ifname: str) -> int:
-    index: int = ipr.link_lookup(ifname=ifname)[0]  # type: ignore[attr-defined]
-    ipr.link("set", index=index, state="up")  # type: ignore[attr-defined]
+def _up(ipr: Any, ifname: str) -> int:
+    """Bring ``ifname`` up; its index (pyroute2's IPRoute is untyped)."""
+    index: int = ipr.link_lookup(ifname=ifname)[0]
+    ipr.link("set", index=index, state="up")
     return index
+
+
+# The hosts' links carry the clusters' VXLAN tunnels: 50 bytes of headers over
+# a VM's 1500-byte frame (or its network's smaller MTU) must fit.
+UNDERLAY_MTU = 1550
 
 
 def wire(state: SandboxState) -> None:
@@ -61,13 +68,14 @@ def wire(state: SandboxState) -> None:
     try:
         with IPRoute(netns=ctl.netns, flags=0) as ipr:
             _up(ipr, "lo")
-            ipr.link("add", ifname=state.bridge, kind="bridge")
+            ipr.link("add", ifname=state.bridge, kind="bridge", mtu=UNDERLAY_MTU)
             bridge = _up(ipr, state.bridge)
             ipr.addr("add", index=bridge, address=ctl.address, prefixlen=PREFIXLEN)
             for host in state.hosts:
                 port = f"{state.tag}-{host.name}"
-                ipr.link("add", ifname=port, kind="veth",
-                         peer={"ifname": host_ifname(state), "net_ns_fd": host.netns})
+                ipr.link("add", ifname=port, kind="veth", mtu=UNDERLAY_MTU,
+                         peer={"ifname": host_ifname(state), "net_ns_fd": host.netns,
+                               "mtu": UNDERLAY_MTU})
                 index = ipr.link_lookup(ifname=port)[0]
                 ipr.link("set", index=index, master=bridge, state="up")
         for host in state.hosts:

@@ -20,7 +20,8 @@ from vcluster.files import write_atomically
 STATE_FILE = "state.json"
 DEFAULT_DIR = Path("/var/tmp/vcluster-sandbox")
 CONTROLLER = "ctl"
-SUBNET = "10.200.0"  # private to the sandbox's namespaces: never routed anywhere
+SUBNET = "10.199.0"  # the hosts' underlay: inside the sandbox only, apart from the
+# sample private network (10.200.0.0/16) so a host and a VM never share an address
 PREFIXLEN = 24
 CONTROLLER_ADDRESS = f"{SUBNET}.1"
 FIRST_HOST_OCTET = 11
