@@ -1,12 +1,13 @@
 """Helpers for testing the host agent in the sandbox, as real unix users.
 
 Unprivileged users cannot run the project's Python here (it lives under
-/root, mode 700), and need not: the agent's client is stdlib-only.  ``JobTool``
-copies ``vcluster/agent/client.py`` and a small job script into a directory
-everyone can read, and runs the script with the system's ``/usr/bin/python3``
-as a SLURM step of a job (``srun --jobid``), as the job's user.  Checks of
-what the agent made run as root with this interpreter, in the host's network
-namespace (``sandbox.run``).
+/root, mode 700), and need not: the agent's client needs only the standard
+library and a few modules of vcluster (``CLIENT_FILES``).  ``JobTool`` copies
+those and the programs of ``tests/helpers/agent_*.py`` into a directory
+everyone can read, and runs ``agent_job.py`` with the system's
+``/usr/bin/python3`` as a SLURM step of a job (``srun --jobid``), as the
+job's user.  Checks of what the agent made run as root with this
+interpreter, in the host's network namespace (``sandbox.run``).
 """
 
 from __future__ import annotations
@@ -20,89 +21,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import vcluster.agent.client
 from tests.support_sandbox import Sandbox
+from vcluster.hostpaths import HostLayout
+from vcluster.sandbox import vconf
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-JOB_SCRIPT = r'''
-"""Ask the local agent for VM resources as a SLURM task would, and describe what came."""
-import fcntl, json, mmap, os, struct, sys
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from client import AgentClient, AgentError
-
-def tap_of(fd):
-    raw = fcntl.ioctl(fd, 0x800454D2, bytes(40))  # TUNGETIFF
-    name, flags = struct.unpack_from("16sH", raw)
-    return name.rstrip(b"\0").decode(), flags
-
-def fam_check(path, size):
-    with open(path, "r+b") as f:
-        with mmap.mmap(f.fileno(), size) as m:
-            m[0:6] = b"marker"
-            return bytes(m[0:6]) == b"marker"
-
-socket_path, job, plan = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-client = AgentClient(socket_path)
-results, held = [], []
-for step in plan:
-    try:
-        if step.get("op") == "credentials":
-            results.append(client.credentials())
-            continue
-        if step.get("op"):
-            results.append(client.call(step["op"], **step.get("fields", {})))
-            continue
-        dev = client.vm_resources(job, step["vm"], step["networks"], step.get("fam"))
-    except AgentError as e:
-        results.append({"error": str(e), "code": e.code})
-        continue
-    taps = []
-    for t in dev.taps:
-        name, flags = tap_of(t.fd)
-        taps.append({"network": t.network, "ifname": t.ifname, "fd_ifname": name,
-                     "flags": flags})
-    fam = None
-    if dev.fam is not None:
-        fam = {"path": dev.fam.path, "size": dev.fam.size,
-               "mapped": fam_check(dev.fam.path, dev.fam.size)}
-    results.append({"taps": taps, "fam": fam, "workdir": dev.workdir, "pid": os.getpid()})
-    if step.get("keep"):
-        held.append(dev)
-    else:
-        dev.close()
-print(json.dumps(results))
-'''
-
-LINKS_SCRIPT = r'''
-import json
-from pyroute2 import IPRoute
-out = {}
-with IPRoute() as ipr:
-    links = ipr.get_links()
-    names = {l["index"]: l.get_attr("IFLA_IFNAME") for l in links}
-    for l in links:
-        info = l.get_attr("IFLA_LINKINFO")
-        out[l.get_attr("IFLA_IFNAME")] = {
-            "kind": info.get_attr("IFLA_INFO_KIND") if info else None,
-            "master": names.get(l.get_attr("IFLA_MASTER")),
-            "mtu": l.get_attr("IFLA_MTU"),
-            "up": bool(l["flags"] & 1),
-        }
-print(json.dumps(out))
-'''
-
-BRIDGE_SCRIPT = r'''
-import sys
-from pyroute2 import IPRoute
-with IPRoute() as ipr:
-    ipr.link("add", ifname=sys.argv[1], kind="bridge")
-'''
+ROOT = Path(__file__).resolve().parents[1]
+HELPERS = Path(__file__).resolve().parent / "helpers"
+# What the agent's client imports (test_agent_unit checks it), copied beside the job program.
+CLIENT_FILES = ("vcluster/__init__.py", "vcluster/errors.py", "vcluster/codec.py",
+                "vcluster/agent/__init__.py", "vcluster/agent/protocol.py",
+                "vcluster/agent/client.py")
+PROGRAMS = ("agent_job.py", "agent_links.py", "agent_bridge.py", "agent_hold.py")
 
 
 def private(name: str, mtu: int = 1450) -> dict[str, Any]:
@@ -116,17 +51,25 @@ class JobTool:
     directory: Path
     box: Sandbox
 
+    def layout(self, host: str) -> HostLayout:
+        """The paths of ``host`` (or ``ctl``), as its batch.yaml says them."""
+        return vconf.machine_layout(self.box.directory, host)
+
     def socket(self, host: str) -> Path:
-        return self.box.directory / "hosts" / host / "run" / "agent.sock"
+        return self.layout(host).agent_socket
 
     def state_dir(self, host: str) -> Path:
-        return self.box.directory / "hosts" / host / "state"
+        return self.layout(host).state
 
     def run_dir(self, host: str) -> Path:
-        return self.box.directory / "hosts" / host / "run"
+        return self.layout(host).run
+
+    def program(self, name: str) -> str:
+        """A program of tests/helpers, as copied where every user can read it."""
+        return str(self.directory / name)
 
     def argv(self, host: str, job: str, plan: list[dict[str, Any]]) -> list[str]:
-        return [SYSTEM_PYTHON, str(self.directory / "job.py"), str(self.socket(host)), job,
+        return [SYSTEM_PYTHON, self.program("agent_job.py"), str(self.socket(host)), job,
                 json.dumps(plan)]
 
     def step(self, user: str, job: str, plan: list[dict[str, Any]], host: str = "h1",
@@ -147,11 +90,11 @@ class JobTool:
 
     def links(self, host: str) -> dict[str, dict[str, Any]]:
         data: dict[str, dict[str, Any]] = json.loads(
-            self.box.run([sys.executable, "-c", LINKS_SCRIPT], host=host).stdout)
+            self.box.run([sys.executable, self.program("agent_links.py")], host=host).stdout)
         return data
 
     def add_bridge(self, host: str, name: str) -> None:
-        self.box.run([sys.executable, "-c", BRIDGE_SCRIPT, name], host=host)
+        self.box.run([sys.executable, self.program("agent_bridge.py"), name], host=host)
 
     def job_links(self, host: str, job: str) -> list[str]:
         from vcluster.agent.netdev import job_prefixes
@@ -171,10 +114,13 @@ def job_tool(box: Sandbox) -> Iterator[JobTool]:
     directory = Path(tempfile.mkdtemp(prefix="vcluster-agent-test-", dir="/var/tmp"))
     try:
         directory.chmod(0o755)
-        shutil.copy(vcluster.agent.client.__file__, directory / "client.py")
-        (directory / "job.py").write_text(JOB_SCRIPT)
-        for path in directory.iterdir():
-            path.chmod(0o644)
+        for name in CLIENT_FILES:
+            (directory / name).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, directory / name)
+        for name in PROGRAMS:
+            shutil.copy(HELPERS / name, directory / name)
+        for path in directory.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         yield JobTool(directory, box)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -219,7 +165,9 @@ def cancel(box: Sandbox, job: str) -> None:
     box.run(["scancel", job], check=False)
 
 
-def wait_for(what: str, condition: Any, timeout: float = 20.0, interval: float = 0.2) -> None:
+def wait_for(what: str, condition: Callable[[], object], timeout: float = 20.0,
+             interval: float = 0.2) -> None:
+    """Return once ``condition()`` is true; AssertionError naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -238,9 +186,7 @@ def epilog_ran(box: Sandbox, job: str, host: str = "h1") -> str | None:
 
 def nothing_left(tool: JobTool, job: str, host: str = "h1") -> None:
     assert tool.job_links(host, job) == []
-    assert not (tool.state_dir(host) / "jobs" / job).exists()
-    assert not (tool.run_dir(host) / "jobs" / job).exists()
-    assert not (tool.state_dir(host) / "work" / job).exists()
+    assert [p for p in tool.layout(host).job_paths(job) if p.exists()] == []
     assert Path("/etc/hostname").exists()  # a planted link was not followed
 
 
@@ -264,37 +210,13 @@ def put_keys(box: Sandbox, values: dict[str, str]) -> None:
     box.run([sys.executable, "-c", code])
 
 
-HOLD_SCRIPT = r'''
-"""Open N connections to the agent and send nothing: what got "busy" at once, and later."""
-import json, select, socket, sys, time
-path, count = sys.argv[1], int(sys.argv[2])
-socks = []
-for _ in range(count):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    socks.append(s)
-time.sleep(1.0)
-ready, _, _ = select.select(socks, [], [], 0)
-busy = [json.loads(s.recv(4096)) for s in ready]
-print(json.dumps({"busy": len(busy), "first": busy[0] if busy else None}), flush=True)
-rest = [s for s in socks if s not in ready]
-answers, deadline = [], time.monotonic() + 40
-while rest and time.monotonic() < deadline:
-    got, _, _ = select.select(rest, [], [], 1)
-    for s in got:
-        answers.append(json.loads(s.recv(4096)))
-        rest.remove(s)
-print(json.dumps({"answered": len(answers), "sample": answers[0] if answers else None,
-                  "left": len(rest)}), flush=True)
-'''
-
-
 @contextlib.contextmanager
-def idle_clients(socket_path: Path, user: str, count: int) -> Iterator[subprocess.Popen[str]]:
+def idle_clients(tool: JobTool, socket_path: Path, user: str,
+                 count: int) -> Iterator[subprocess.Popen[str]]:
     """``count`` connections of ``user`` that send nothing (a process of the test, by PID)."""
     proc = subprocess.Popen(["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
-                             SYSTEM_PYTHON, "-c", HOLD_SCRIPT, str(socket_path), str(count)],
-                            stdout=subprocess.PIPE, text=True)
+                             SYSTEM_PYTHON, tool.program("agent_hold.py"), str(socket_path),
+                             str(count)], stdout=subprocess.PIPE, text=True)
     try:
         yield proc
     finally:

@@ -29,6 +29,13 @@ def tiny_boot(image: Image) -> BootPlan:
                     disk=None, append=image.info.append, readiness=Readiness.TINY_INIT)
 
 
+def fake_tiny_boot(kernel: Path = Path("/images/tiny/vmlinuz"),
+                   initrd: Path = Path("/images/tiny/initramfs.img")) -> BootPlan:
+    """A tiny image's boot plan whose files need not exist (for fakes that never read them)."""
+    return BootPlan(image="tiny@1", kind="initramfs", kernel=kernel, initrd=initrd, disk=None,
+                    append="console=ttyS0", readiness=Readiness.TINY_INIT)
+
+
 def disk_boot(kernel: Path = Path("/images/vmlinuz"), initrd: Path | None = None,
               disk: Path = Path("/images/base.qcow2")) -> BootPlan:
     return BootPlan(image="debian@1", kind="disk", kernel=kernel, initrd=initrd, disk=disk,

@@ -28,7 +28,7 @@ from tests.support_agent import (
     wait_for,
 )
 from tests.support_sandbox import Sandbox, sandbox
-from vcluster.agent import netdev, undo
+from vcluster.agent import netdev, protocol, undo
 from vcluster.sandbox.agents import RECONCILE_INTERVAL
 
 __all__ = ["sandbox"]  # the fixture, imported so that pytest finds it
@@ -183,7 +183,7 @@ def test_vm_resources_for_the_job_and_its_user_only(sandbox: Sandbox, tool: JobT
 
         # What the agent keeps for the job (status is root's).
         status = json.loads(tool.agent("h1", "status", "--json").stdout)
-        (mine,) = [j for j in status["jobs"] if j["job"] == job]
+        (mine,) = [j["log"] for j in status["jobs"] if j["job"] == job]
         assert mine["user"] == USER_A and str(mine["uid"]) == uid_a
         kinds = [(e["kind"], e["name"]) for e in mine["entries"]]
         assert kinds[0] == ("store", USER_A)
@@ -203,20 +203,22 @@ def test_vm_resources_for_the_job_and_its_user_only(sandbox: Sandbox, tool: JobT
 
 
 def test_root_only_operations_and_bad_requests(sandbox: Sandbox, tool: JobTool) -> None:
+    version = protocol.VERSION
     answers = tool.outside(USER_A, "1", [
-        {"op": "release", "fields": {"job": "1"}},
+        {"op": "release", "job": "1"},
         {"op": "status"},
         {"op": "ping"},
-        {"op": "vm-resources", "fields": {"job": "x1", "vm": 0, "networks": []}},
-        {"op": "vm-resources", "fields": {"job": "1", "vm": 0, "networks": [],
-                                          "fam": {"name": "fam", "size": 3000}}},
-        {"op": "no-such-op"},
+        {"raw": {"version": version, "op": "vm-resources", "job": "x1", "vm": 0,
+                 "networks": []}},
+        {"raw": {"version": version, "op": "vm-resources", "job": "1", "vm": 0,
+                 "networks": [], "fam": {"name": "fam", "size": 3000}}},
+        {"raw": {"version": version, "op": "no-such-op"}},
     ])
     release, status, ping, bad_job, bad_fam, bad_op = answers
     uid_a = tool.box.run(["id", "-u", USER_A]).stdout.strip()
     assert release == {"error": f"release needs root (you are uid {uid_a})", "code": "denied"}
     assert status["code"] == "denied"
-    assert ping == {"ok": True, "version": 1, "host": "h1"}
+    assert ping == {"version": version, "host": "h1"}
     assert bad_job["code"] == "bad-request"
     assert "job: 'x1' is not a SLURM job id" in bad_job["error"]
     assert bad_fam["code"] == "bad-request" and "fam.size: 3000 is not a power of two" in \
@@ -266,7 +268,7 @@ def test_reconcile_releases_ended_jobs_only(sandbox: Sandbox, tool: JobTool) -> 
         # A leftover of a job SLURM never heard of (an undo log and a bridge).
         ghost = "987654"
         bridge = netdev.bridge_name(ghost, 0)
-        log = undo.create(tool.state_dir("h1"), ghost, 0, "root")
+        log = undo.create(tool.layout("h1"), ghost, 0, "root")
         log.record(undo.UndoEntry(undo.Kind.BRIDGE, bridge, network="cluster"))
         tool.add_bridge("h1", bridge)
         # The agent comes back: its reconcile pass releases both, and only those.
@@ -323,7 +325,7 @@ print(json.dumps(out))
 def test_credentials_confined_to_the_users_prefix(sandbox: Sandbox, tool: JobTool) -> None:
     # Asked on the login node (ctl), as the user; used from there.
     socket = tool.socket("ctl")
-    argv = ["/usr/bin/python3", str(tool.directory / "job.py"), str(socket), "0",
+    argv = ["/usr/bin/python3", tool.program("agent_job.py"), str(socket), "0",
             json.dumps([{"op": "credentials"}, {"op": "credentials"}])]
     first, second = json.loads(sandbox.run(argv, user=USER_A).stdout)
     assert first["user"] == f"vc-{USER_A}"
@@ -418,8 +420,7 @@ def test_epilog_removes_cluster_keys_without_an_undo_log(sandbox: Sandbox,
     assert store_keys(sandbox, other) == []
     assert not (tool.state_dir("h2") / "jobs" / job).exists()
     # Only root may name a user.
-    (refused,) = tool.outside(USER_A, job, [{"op": "release",
-                                              "fields": {"job": job, "user": USER_B}}])
+    (refused,) = tool.outside(USER_A, job, [{"op": "release", "job": job, "user": USER_B}])
     assert refused["code"] == "denied"
 
 
@@ -446,7 +447,7 @@ def test_idle_clients_do_not_block_root(sandbox: Sandbox, tool: JobTool) -> None
     from vcluster.agent import server
 
     path = tool.socket("h1")
-    with idle_clients(path, USER_A, 40) as a, idle_clients(path, USER_B, 40) as b:
+    with idle_clients(tool, path, USER_A, 40) as a, idle_clients(tool, path, USER_B, 40) as b:
         assert a.stdout is not None and b.stdout is not None
         first_a, first_b = json.loads(a.stdout.readline()), json.loads(b.stdout.readline())
         # 32 per user, 64 of all users: the rest is told "busy" at once.
@@ -469,4 +470,4 @@ def test_idle_clients_do_not_block_root(sandbox: Sandbox, tool: JobTool) -> None
         assert f"no complete request within {server.READ_DEADLINE:g} s" in \
             later["sample"]["error"]
     (ping,) = tool.outside(USER_A, "1", [{"op": "ping"}])
-    assert ping["ok"] is True
+    assert ping["host"] == "h1"

@@ -249,42 +249,7 @@ def test_killed_launcher_leaves_nothing_once_the_epilog_ran(
     assert_nothing_left(sandbox, tool, job, ALICE)
 
 
-INTRUDER = r'''
-import json, os, socket, sys
-from vcluster.agent.client import AgentClient, AgentError, socket_path
-from vcluster.config.loader import load_config
-from vcluster.errors import StorePermissionDenied
-from vcluster.store.keys import Keys
-from vcluster.session import open_user_store
-
-job, owner, work, fam = sys.argv[1:5]
-results = {}
-for name in ("console.sock", "qmp.sock"):
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(os.path.join(work, "vm0", name))
-        results[name] = "connected"
-    except OSError as e:
-        results[name] = e.strerror
-try:
-    open(fam, "rb").close()
-    results["fam"] = "opened"
-except OSError as e:
-    results["fam"] = e.strerror
-config = load_config()
-store = open_user_store(config.batch)
-try:
-    store.get(Keys(config.batch.store.prefix).cluster_key(owner, job, "id_ed25519"))
-    results["keys"] = "read"
-except StorePermissionDenied as e:
-    results["keys"] = "denied: " + str(e)
-try:
-    AgentClient(socket_path(config.batch.directories.run)).vm_resources(job, 0, [], None)
-    results["agent"] = "granted"
-except AgentError as e:
-    results["agent"] = e.code + ": " + str(e)
-print(json.dumps(results))
-'''
+INTRUDER = (Path(__file__).resolve().parent / "helpers" / "intruder.py").read_text()
 
 
 def test_another_user_cannot_reach_the_cluster(sandbox: Sandbox, shared: Shared,

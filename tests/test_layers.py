@@ -147,3 +147,15 @@ def test_forbidden_imports_are_found(bad_tree: Path) -> None:
         "vcluster/vm/__init__.py:2: imports vcluster.agent.jobs: the agent's internals are "
         "the agent's own (use vcluster.agent.client or .protocol)",
     ]
+
+
+def test_the_module_map_lists_every_module() -> None:
+    """docs/architecture.md's module table names each module of the package, and only those."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Modules\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(vcluster/[^`]+\.py)` \|", section, re.MULTILINE))
+    actual = {str(p.relative_to(ROOT)) for p in (ROOT / PACKAGE).rglob("*.py")}
+    assert sorted(actual - listed) == [], "modules missing from the map"
+    assert sorted(listed - actual) == [], "the map lists modules that do not exist"
+    blank = re.findall(r"^\| `(vcluster/[^`]+\.py)` \|\s*\|", section, re.MULTILINE)
+    assert blank == [], "modules without a one-line description (their docstring's first line)"

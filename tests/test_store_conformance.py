@@ -520,8 +520,11 @@ def test_kept_alive_lease_outlives_its_ttl_and_revoke_ends_it(
         for _ in range(6):  # 3 s in all, past the 2 s TTL
             before = len(refreshes)
             backend.elapse(0.5)
-            wait_for("a refresh", lambda before=before: len(refreshes) > before, 5,
-                     interval=0.01)
+
+            def refreshed(before: int = before) -> bool:
+                return len(refreshes) > before
+
+            wait_for("a refresh", refreshed, 5, interval=0.01)
         assert store.get(f"{prefix}host") is not None
         assert keeper.error is None and not keeper.lost
         assert set(refreshes) == {2}

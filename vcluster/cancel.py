@@ -24,9 +24,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # What each signal means for a user, for the message they see.
 WHY = {
-    signal.SIGTERM: "the job was cancelled or reached its time limit",
+    signal.SIGTERM: "the job was cancelled or reached its time limit (SIGTERM)",
     signal.SIGINT: "interrupted (Ctrl-C)",
-    signal.SIGHUP: "the terminal hung up",
+    signal.SIGHUP: "the terminal hung up (SIGHUP)",
 }
 
 
@@ -53,7 +53,7 @@ class Cancellation:
         if not self._event.is_set():
             self.signum = signum
             name = signal.Signals(signum)
-            self.reason = f"{WHY.get(name, 'stopped')} ({name.name})"
+            self.reason = WHY.get(name, f"stopped ({name.name})")
         self._event.set()
 
     def cancel(self, reason: str = "cancelled") -> None:

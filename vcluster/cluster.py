@@ -9,7 +9,6 @@ each VM runner reads it back, so compute hosts never re-read templates.
 
 from __future__ import annotations
 
-import ipaddress
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ class BootPlan:
 @dataclass(frozen=True)
 class NicPlan:
     network: str
-    type: str  # network type ("private")
+    type: str  # network type (a plug-in of vcluster.networks)
     mtu: int
     address: str  # CIDR, e.g. 10.200.0.1/16
     model: str
@@ -182,7 +181,7 @@ def _boot(t: Template, repos: Sequence[Path]) -> BootPlan:
 
 
 def _nics(config: Config, t: Template, index: int, total: int) -> tuple[NicPlan, ...]:
-    from vcluster.networks.private import PrivateNetwork
+    from vcluster.networks import kind, planned_types
 
     rs_name = t.resource_set or "default"
     rs = config.resource_sets.get(rs_name)
@@ -193,15 +192,12 @@ def _nics(config: Config, t: Template, index: int, total: int) -> tuple[NicPlan,
     nics = []
     for net_name in rs.networks:
         net = config.networks[net_name]
-        if not isinstance(net, PrivateNetwork):
+        net_kind = kind(net.type)
+        if net_kind is None or not net_kind.planned:
             raise InputError(f"{net.origin}: network {net_name!r} of type {net.type} is not "
-                             "supported by this version of vcluster yet (expected type: private)")
-        hosts = net.subnet.num_addresses - 2
-        if total > hosts:
-            raise InputError(f"{net.origin}: network {net_name!r} ({net.subnet}) has room for "
-                             f"{hosts} VMs, not {total} (expected a larger subnet)")
-        address = ipaddress.IPv4Address(int(net.subnet.network_address) + 1 + index)
-        nics.append(NicPlan(net_name, net.type, net.mtu, f"{address}/{net.subnet.prefixlen}",
+                             "supported by this version of vcluster yet (expected type: "
+                             f"{' or '.join(planned_types())})")
+        nics.append(NicPlan(net_name, net.type, net.mtu, net.nic_address(index, total),
                             t.nic_model))
     return tuple(nics)
 

@@ -79,12 +79,24 @@ class StorePermissionDenied(StoreError):
     """The store refused the request for lack of permission."""
 
 
+class ResourceError(VclusterError):
+    """A job's device, FAM region, directory or undo log on a host could not be made or used."""
+
+
+class CredentialsError(VclusterError):
+    """Store credentials for a local user could not be issued."""
+
+
 class ImageError(VclusterError):
     """An image could not be found, built or used."""
 
 
 class SeedError(VclusterError):
     """A cloud-init seed could not be written."""
+
+
+class VmError(VclusterError):
+    """A VM could not be prepared, started or kept running; ``str()`` is its one-line reason."""
 
 
 class SandboxError(VclusterError):

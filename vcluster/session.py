@@ -34,19 +34,14 @@ def open_user_store(batch: BatchConfig) -> Store:
     path = batch.directories.layout.agent_socket
     try:
         answer = AgentClient(path).credentials()
-        user, password = str(answer["user"]), str(answer["password"])
     except AgentError as e:
         raise StoreUnavailable(f"cannot get store credentials from the vcluster agent at "
                                f"{path}: {e}") from e
-    except KeyError as e:
-        raise StoreUnavailable(f"the vcluster agent at {path} sent no {e.args[0]!r} "
-                               "with the store credentials") from e
-    issued = replace(config, user=user, password_file=None,
-                     endpoints=tuple(answer.get("endpoints") or ()) or config.endpoints)
-    ca_text = answer.get("ca_cert")
-    if not ca_text or _readable(config.ca_cert):
-        return open_store(issued, password=password)
+    issued = replace(config, user=answer.user, password_file=None,
+                     endpoints=answer.endpoints or config.endpoints)
+    if not answer.ca_cert or _readable(config.ca_cert):
+        return open_store(issued, password=answer.password)
     with tempfile.TemporaryDirectory(prefix="vcluster-ca-") as tmp:
         ca = Path(tmp) / "etcd-ca.pem"
-        ca.write_text(str(ca_text))
-        return open_store(replace(issued, ca_cert=ca), password=password)
+        ca.write_text(answer.ca_cert)
+        return open_store(replace(issued, ca_cert=ca), password=answer.password)

@@ -1,1 +1,1 @@
-"""Programs the tests run in other processes: other users, namespaces, guests."""
+"""Programs the tests run in other processes (other users, namespaces), and the doubles they use."""

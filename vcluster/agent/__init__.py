@@ -7,7 +7,10 @@ the site's limits read from its own configuration (``policy``), records
 all of it in a per-job undo log (``undo``) that ``release`` and the reconcile
 pass (``reconcile``) walk back, registers its host in the store
 (``registration``) and hands out etcd credentials (``credentials``).
-``client`` is the stdlib-only client the VM runner and the SLURM scripts use.
+``client`` is the client the VM runner and the SLURM scripts use; it and
+``protocol`` (typed requests and answers, through ``vcluster.codec``) are
+the agent's public face and import nothing beyond the standard library, the
+codec and the error tree.
 
 This package's ``__init__`` imports nothing: the client is imported in every
 VM runner.

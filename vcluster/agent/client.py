@@ -1,20 +1,23 @@
 """The client of the host agent, for the VM runner, the CLI and the SLURM scripts.
 
-Imports only the standard library (it is loaded in every VM runner, and may
-be copied next to a script as it is)::
+Imports only the standard library and the agent's protocol (which imports
+the codec and the error tree): it is loaded in every VM runner.  Requests
+and answers are the protocol's dataclasses::
 
-    client = AgentClient(socket_path(run_dir))
-    client.ping()                       # {"ok": True, "version": 1, "host": "h1"}
-    res = client.vm_resources("123", 0, [{"name": "cluster", "type": "private"}],
-                              {"name": "fam", "size": 1 << 26})  # mtu: optional, the site's
+    client = AgentClient(layout.agent_socket)      # vcluster.hostpaths.HostLayout
+    client.ping()                                  # PingAnswer(version=2, host="h1")
+    res = client.vm_resources("123", 0, [NetworkSpec("cluster", "private")],
+                              FamSpec("fam", 1 << 26))  # mtu: optional, the site's
     res.taps[0].fd, res.taps[0].ifname  # an open tap (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR):
                                         # QEMU -netdev tap,fd=N,vhost=off
     res.fam.path, res.fam.size          # the job's FAM region file (0600, the job's user)
-    client.credentials()                # etcd user, password, prefix, endpoints, ca_cert
+    res.workdir                         # the job's work directory here (the user's, 0700)
+    client.credentials()                # CredentialsAnswer: etcd user, password, prefix...
 
-A refusal raises AgentError (``code`` is denied, bad-request, failed,
-unsupported-version, or busy: too many connections at once, try again;
-``str()`` is the agent's one-line message); an agent that cannot be reached
+A refusal raises AgentError (``code`` is a protocol.Code: denied,
+bad-request, failed, unsupported-version, or busy: too many connections at
+once, asked again a few times first; ``str()`` is the agent's one-line
+message); an agent that cannot be reached, or whose reply cannot be read,
 raises AgentUnavailable.  The caller owns the returned file descriptors
 (close them, or pass them to QEMU).
 """
@@ -23,35 +26,35 @@ from __future__ import annotations
 
 import array
 import contextlib
-import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-VERSION = 1
-SOCKET_NAME = "agent.sock"
-MAX_MESSAGE = 64 * 1024
+from vcluster.agent import protocol as p
+from vcluster.agent.protocol import (
+    AgentError,
+    AgentUnavailable,
+    CredentialsAnswer,
+    FamRegion,
+    FamSpec,
+    NetworkSpec,
+    PingAnswer,
+    PrologAnswer,
+    ReleaseAnswer,
+    StatusAnswer,
+)
+
 MAX_FDS = 64
 DEFAULT_TIMEOUT = 60.0
 BUSY_RETRIES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # about 6 s in all
 
+A = TypeVar("A")
 
-class AgentError(Exception):
-    """The agent answered ``ok: false``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(message)
-
-
-class AgentUnavailable(AgentError):
-    """No agent answers on the socket."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("unavailable", message)
+__all__ = ["AgentClient", "AgentError", "AgentUnavailable", "FamRegion", "Tap", "VmDevices"]
 
 
 @dataclass(frozen=True)
@@ -63,16 +66,10 @@ class Tap:
 
 
 @dataclass(frozen=True)
-class FamRegion:
-    path: str
-    size: int
-
-
-@dataclass(frozen=True)
 class VmDevices:
     taps: tuple[Tap, ...]
     fam: FamRegion | None
-    workdir: str | None = None  # the job's directory on this host, the user's, mode 0700
+    workdir: Path  # the job's directory on this host, the user's, mode 0700
 
     def close(self) -> None:
         """Close the tap file descriptors (once QEMU has inherited them)."""
@@ -81,17 +78,12 @@ class VmDevices:
                 os.close(tap.fd)
 
 
-def socket_path(run_dir: str | os.PathLike[str]) -> Path:
-    """The agent's socket in ``directories.run``."""
-    return Path(run_dir) / SOCKET_NAME
-
-
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     data = b""
     fds: list[int] = []
     space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
     while not data.endswith(b"\n"):
-        chunk, ancillary, _flags, _addr = sock.recvmsg(MAX_MESSAGE, space)
+        chunk, ancillary, _flags, _addr = sock.recvmsg(p.MAX_MESSAGE, space)
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 got = array.array("i")
@@ -100,9 +92,15 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
         if not chunk:
             break
         data += chunk
-        if len(data) > MAX_MESSAGE:
+        if len(data) > p.MAX_MESSAGE:
             break
     return data, fds
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class AgentClient:
@@ -112,23 +110,23 @@ class AgentClient:
         self.path = Path(path)
         self.timeout = timeout
 
-    def request(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
-        """Send one request; the answer and the file descriptors that came with it.
+    def ask(self, request: p.Request, answer: type[A]) -> tuple[A, list[int]]:
+        """Send one request; its answer (of class ``answer``) and the fds that came with it.
 
         An agent that is ``busy`` (too many connections at once: many VMs of a
         job starting together) is asked again a few times, with growing pauses.
         """
         for pause in BUSY_RETRIES:
             try:
-                return self._request_once(op, **fields)
+                return self._ask_once(request, answer)
             except AgentError as e:
-                if e.code != "busy":
+                if e.code is not p.Code.BUSY:
                     raise
                 time.sleep(pause)
-        return self._request_once(op, **fields)
+        return self._ask_once(request, answer)
 
-    def _request_once(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
-        message = json.dumps({"version": VERSION, "op": op, **fields}).encode() + b"\n"
+    def _ask_once(self, request: p.Request, answer: type[A]) -> tuple[A, list[int]]:
+        message = p.encode_request(request)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout)
@@ -150,58 +148,47 @@ class AgentClient:
             raise AgentUnavailable(f"cannot talk to the vcluster agent at {self.path}: "
                                    f"{e.strerror or e}") from None
         try:
-            answer = json.loads(data)
-            if not isinstance(answer, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            for fd in fds:
-                os.close(fd)
-            raise AgentUnavailable(f"the vcluster agent at {self.path} sent a broken answer "
-                                   f"({data[:80]!r})") from None
-        if not answer.get("ok"):
-            for fd in fds:
-                os.close(fd)
-            raise AgentError(str(answer.get("code", "failed")),
-                             str(answer.get("error", "the agent refused (no reason given)")))
-        return answer, fds
+            return p.decode_reply(data, answer, self._unreadable), fds
+        except BaseException:
+            _close(fds)
+            raise
 
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+    def _unreadable(self, message: str) -> AgentUnavailable:
+        return AgentUnavailable(f"the vcluster agent at {self.path} sent a broken answer "
+                                f"({message})")
+
+    def call(self, request: p.Request, answer: type[A]) -> A:
         """A request whose answer carries no file descriptors."""
-        answer, fds = self.request(op, **fields)
-        for fd in fds:
-            os.close(fd)
-        return answer
+        got, fds = self.ask(request, answer)
+        _close(fds)
+        return got
 
-    def ping(self) -> dict[str, Any]:
-        return self.call("ping")
+    def ping(self) -> PingAnswer:
+        return self.call(p.Ping(), PingAnswer)
 
-    def vm_resources(self, job: str, vm: int, networks: list[dict[str, Any]],
-                     fam: dict[str, Any] | None) -> VmDevices:
-        """The taps (open) and FAM region of VM ``vm`` of ``job`` on this host."""
-        answer, fds = self.request("vm-resources", job=str(job), vm=vm, networks=networks,
-                                   fam=fam)
-        described = answer.get("taps", [])
-        if len(described) != len(fds):
-            for fd in fds:
-                os.close(fd)
-            raise AgentError("failed", f"the agent described {len(described)} taps but sent "
-                                       f"{len(fds)} file descriptors")
-        taps = tuple(Tap(network=str(t["network"]), ifname=str(t["ifname"]),
-                         mac=t.get("mac"), fd=fd) for t, fd in zip(described, fds, strict=True))
-        region = answer.get("fam")
-        return VmDevices(taps=taps, fam=None if region is None else
-                         FamRegion(path=str(region["path"]), size=int(region["size"])),
-                         workdir=answer.get("workdir"))
+    def vm_resources(self, job: str, vm: int, networks: Sequence[NetworkSpec],
+                     fam: FamSpec | None) -> VmDevices:
+        """The taps (open), FAM region and work directory of VM ``vm`` of ``job`` here."""
+        request = p.VmResources(job=job, vm=vm, networks=tuple(networks), fam=fam)
+        answer, fds = self.ask(request, p.VmResourcesAnswer)
+        if len(answer.taps) != len(fds):
+            _close(fds)
+            raise AgentError(p.Code.FAILED, f"the vcluster agent at {self.path} described "
+                                            f"{len(answer.taps)} taps but sent {len(fds)} "
+                                            "file descriptors")
+        taps = tuple(Tap(network=t.network, ifname=t.ifname, mac=t.mac, fd=fd)
+                     for t, fd in zip(answer.taps, fds, strict=True))
+        return VmDevices(taps=taps, fam=answer.fam, workdir=answer.workdir)
 
-    def credentials(self) -> dict[str, Any]:
-        return self.call("credentials")
+    def credentials(self) -> CredentialsAnswer:
+        return self.call(p.Credentials(), CredentialsAnswer)
 
-    def prolog(self, job: str) -> dict[str, Any]:
-        return self.call("prolog", job=str(job))
+    def prolog(self, job: str) -> PrologAnswer:
+        return self.call(p.Prolog(job), PrologAnswer)
 
-    def release(self, job: str, user: str | None = None) -> dict[str, Any]:
+    def release(self, job: str, user: str | None = None) -> ReleaseAnswer:
         """Release ``job`` here (root); ``user``, the job's, also deletes its cluster keys."""
-        return self.call("release", job=str(job), **({} if user is None else {"user": user}))
+        return self.call(p.Release(job, user), ReleaseAnswer)
 
-    def status(self) -> dict[str, Any]:
-        return self.call("status")
+    def status(self) -> StatusAnswer:
+        return self.call(p.Status(), StatusAnswer)

@@ -17,11 +17,10 @@ import hashlib
 import hmac
 import pwd
 import threading
-from typing import Any
 
-from vcluster.agent.protocol import failed
+from vcluster.agent.protocol import CredentialsAnswer
 from vcluster.config.batch import StoreConfig
-from vcluster.errors import InputError, StoreError
+from vcluster.errors import CredentialsError, InputError, StoreError
 from vcluster.store.base import Store
 from vcluster.store.keys import Keys
 
@@ -43,37 +42,39 @@ class Issuer:
         self._done: set[str] = set()
         self._lock = threading.Lock()
 
-    def issue(self, store: Store, uid: int) -> dict[str, Any]:
+    def issue(self, store: Store, uid: int) -> CredentialsAnswer:
         try:
             unix = pwd.getpwuid(uid).pw_name
         except KeyError:
-            raise failed(f"uid {uid} has no user name on this host") from None
+            raise CredentialsError(f"uid {uid} has no user name on this host") from None
         try:
             prefix = self.keys.user_prefix(unix)
         except InputError as e:
-            raise failed(f"user {unix!r}: {e}") from e
+            raise CredentialsError(f"user {unix!r}: {e}") from e
         secret = self.config.password()
         if not secret:
-            raise failed("the agent's store has no password-file in batch.yaml, so it "
-                         "cannot issue etcd users (is etcd authentication enabled?)")
+            raise CredentialsError("the agent's store has no password-file in batch.yaml, so "
+                                   "it cannot issue etcd users (is etcd authentication "
+                                   "enabled?)")
         user = ETCD_USER_PREFIX + unix
         password = derive_password(secret, user)
         with self._lock:
             if user not in self._done:
                 add = getattr(store, "add_prefix_user", None)
                 if add is None:
-                    raise failed(f"the {self.config.backend} store cannot issue users")
+                    raise CredentialsError(f"the {self.config.backend} store cannot issue "
+                                           "users")
                 try:
                     add(user, password, prefix)
                 except StoreError as e:
-                    raise failed(f"cannot make etcd user {user}: {e}") from e
+                    raise CredentialsError(f"cannot make etcd user {user}: {e}") from e
                 self._done.add(user)
         ca = None
         if self.config.ca_cert is not None:
             try:
                 ca = self.config.ca_cert.read_text()
             except OSError as e:
-                raise failed(f"cannot read the store's CA certificate "
-                             f"{self.config.ca_cert}: {e.strerror}") from e
-        return {"ok": True, "user": user, "password": password, "prefix": prefix,
-                "endpoints": list(self.config.endpoints), "ca_cert": ca}
+                raise CredentialsError(f"cannot read the store's CA certificate "
+                                       f"{self.config.ca_cert}: {e.strerror}") from e
+        return CredentialsAnswer(user=user, password=password, prefix=prefix,
+                                 endpoints=tuple(self.config.endpoints), ca_cert=ca)

@@ -8,11 +8,12 @@ by side.  A site that needs regions larger than its /run points
 ``directories.run`` at a larger tmpfs; a region that does not fit is refused
 with that advice.
 
-The directories are root's (``jobs/<job>`` and ``jobs/<job>/fam`` mode 0711:
-others cannot list them, and the job's user cannot plant links in them); the
+The directories are the agent's, so root's (``jobs/<job>`` and
+``jobs/<job>/fam`` mode 0711: others cannot list them, and the job's user
+cannot plant links in them); the
 file is the job's user's, mode 0600, sized with ftruncate (sparse: memory is
 used as the guests touch it).  Every VM of the job asking for the same name
-gets the same file.
+gets the same file.  Paths come from ``vcluster.hostpaths.HostLayout``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ import os
 import stat
 from pathlib import Path
 
-from vcluster.agent.protocol import failed
 from vcluster.agent.undo import JobLog, Kind, UndoEntry
-
-
-def region_path(run: Path, job: str, name: str) -> Path:
-    return run / "jobs" / job / "fam" / name
+from vcluster.errors import ResourceError
+from vcluster.hostpaths import HostLayout
 
 
 def _ensure_dir(path: Path, log: JobLog) -> None:
@@ -35,8 +33,9 @@ def _ensure_dir(path: Path, log: JobLog) -> None:
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o711)
     info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0:
-        raise failed(f"{path} is not a directory of root's; remove it")
+    # The agent's own uid (root's at a site), so that the job's user cannot have made it.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise ResourceError(f"{path} is not a directory of the agent's; remove it")
     os.chmod(path, 0o711)
 
 
@@ -48,15 +47,18 @@ def _human(size: int) -> str:
     return str(size)
 
 
-def ensure_region(run: Path, log: JobLog, name: str, size: int, uid: int, gid: int) -> Path:
+def ensure_region(layout: HostLayout, log: JobLog, name: str, size: int, uid: int,
+                  gid: int) -> Path:
     """The job's region ``name`` of ``size`` bytes, made if missing; its path."""
-    path = region_path(run, log.job, name)
-    jobs = path.parent.parent.parent
-    jobs.mkdir(mode=0o711, parents=True, exist_ok=True)
-    _ensure_dir(path.parent.parent, log)
-    _ensure_dir(path.parent, log)
-    entry = UndoEntry(Kind.FILE, str(path))
-    log.record(entry)
+    path = layout.fam_region(log.job, name)
+    try:
+        layout.run_jobs.mkdir(mode=0o711, parents=True, exist_ok=True)
+        _ensure_dir(layout.run_job(log.job), log)
+        _ensure_dir(layout.fam_dir(log.job), log)
+    except OSError as e:
+        raise ResourceError(f"cannot make {e.filename or path.parent} for FAM region {name}: "
+                            f"{e.strerror}") from e
+    log.record(UndoEntry(Kind.FILE, str(path)))
     dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         try:
@@ -69,25 +71,25 @@ def ensure_region(run: Path, log: JobLog, name: str, size: int, uid: int, gid: i
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-                raise failed(f"{path} is not a plain file; remove it")
+                raise ResourceError(f"{path} is not a plain file; remove it")
             if new or info.st_size == 0:
                 free = os.fstatvfs(fd)
                 available = free.f_bavail * free.f_frsize
                 if size > available:
-                    raise failed(f"FAM region {name} of {_human(size)} does not fit in "
-                                 f"{path.parent} ({_human(available)} free); ask for less or "
-                                 "point directories.run at a larger tmpfs")
+                    raise ResourceError(f"FAM region {name} of {_human(size)} does not fit "
+                                        f"in {path.parent} ({_human(available)} free); ask "
+                                        "for less or point directories.run at a larger tmpfs")
                 os.ftruncate(fd, size)
             elif info.st_size != size:
-                raise failed(f"FAM region {name} of job {log.job} exists with "
-                             f"{info.st_size} bytes, not {size}; every VM of a job must "
-                             "ask for the same size")
+                raise ResourceError(f"FAM region {name} of job {log.job} exists with "
+                                    f"{info.st_size} bytes, not {size}; every VM of a job "
+                                    "must ask for the same size")
             os.fchown(fd, uid, gid)
             os.fchmod(fd, 0o600)
         finally:
             os.close(fd)
     except OSError as e:
-        raise failed(f"cannot make FAM region {path}: {e.strerror}") from e
+        raise ResourceError(f"cannot make FAM region {path}: {e.strerror}") from e
     finally:
         os.close(dirfd)
     return path
@@ -103,4 +105,4 @@ def remove_path(kind: Kind, path: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise failed(f"cannot remove {path}: {e.strerror}") from e
+        raise ResourceError(f"cannot remove {path}: {e.strerror}") from e

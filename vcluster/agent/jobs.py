@@ -12,6 +12,10 @@ of the job even when this host has no undo log of it (the agent was down at
 prolog time and no runner reached it, and the launcher was killed); when the
 store cannot be reached then, it leaves an undo log holding just those keys,
 so the reconcile pass deletes them later.
+
+The host's network devices come through a ``netdev.Devices`` (the real
+``netdev.Netlink`` in the agent) and every path through the settings'
+``HostLayout``, so all of this runs in tests without root.
 """
 
 from __future__ import annotations
@@ -25,15 +29,27 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vcluster.agent import fam, netdev, undo, workdir
 from vcluster.agent.peer import JobInfo
 from vcluster.agent.policy import Policy
-from vcluster.agent.protocol import Refusal, VmResources, denied, failed
+from vcluster.agent.protocol import (
+    FamRegion,
+    JobStatus,
+    LoggedEntry,
+    LoggedJob,
+    PrologAnswer,
+    ReleaseAnswer,
+    TapInfo,
+    VmResources,
+    VmResourcesAnswer,
+    denied,
+    failed,
+)
 from vcluster.agent.registration import StoreLink
 from vcluster.agent.undo import JobLog, Kind, UndoEntry
-from vcluster.errors import StoreError
+from vcluster.errors import ResourceError, StoreError
+from vcluster.hostpaths import HostLayout
 from vcluster.store.base import Delete, value_is
 from vcluster.store.records import HostSetup, JobOwner, SetupState, to_json
 
@@ -45,17 +61,18 @@ class Settings:
     """Where this agent keeps things and what it is called."""
 
     node: str  # the SLURM node name of this host (also its name in the store)
-    state: Path  # directories.state: undo logs
-    run: Path  # directories.run: socket, FAM regions
+    layout: HostLayout  # directories.state and directories.run
 
 
 class Jobs:
     """The jobs on this host and their resources."""
 
-    def __init__(self, settings: Settings, link: StoreLink, policy: Policy) -> None:
+    def __init__(self, settings: Settings, link: StoreLink, policy: Policy,
+                 devices: netdev.Devices) -> None:
         self.settings = settings
         self.link = link
         self.policy = policy
+        self.devices = devices
         self._locks: dict[str, tuple[threading.Lock, int]] = {}  # job: (lock, users)
         self._locks_lock = threading.Lock()
 
@@ -80,10 +97,15 @@ class Jobs:
         with self._locks_lock:
             return len(self._locks)
 
+    def lock_users(self, job: str) -> int:
+        """How many hold or wait for the lock of ``job`` now."""
+        with self._locks_lock:
+            return self._locks.get(job, (None, 0))[1]
+
     # -------------------------------------------------------------- making
 
     def _open_log(self, info: JobInfo) -> JobLog:
-        existing = undo.load(self.settings.state, info.job)
+        existing = undo.load(self.settings.layout, info.job)
         if existing is not None and existing.uid != info.uid:
             # A log of an earlier job with the same id (SLURM's ids were reset): its
             # resources are not this job's; release them first.
@@ -92,7 +114,7 @@ class Jobs:
             self._release_log(existing)
             existing = None
         if existing is None:
-            existing = undo.create(self.settings.state, info.job, info.uid, info.user)
+            existing = undo.create(self.settings.layout, info.job, info.uid, info.user)
         return existing
 
     def _publish(self, job_log: JobLog) -> None:
@@ -113,11 +135,11 @@ class Jobs:
         job_log.published = True
         job_log.save()
 
-    def prolog(self, info: JobInfo) -> dict[str, Any]:
+    def prolog(self, info: JobInfo) -> PrologAnswer:
         with self.locked(info.job):
             job_log = self._open_log(info)
             self._publish(job_log)
-            return {"ok": True, "job": info.job, "published": job_log.published}
+            return PrologAnswer(job=info.job, published=job_log.published)
 
     def check(self, request: VmResources, info: JobInfo) -> dict[str, int]:
         """Refuse what the site or SLURM does not allow; the MTU of each network."""
@@ -136,8 +158,10 @@ class Jobs:
         return mtus
 
     def vm_resources(self, request: VmResources, info: JobInfo,
-                     gid: int) -> tuple[dict[str, Any], list[int]]:
+                     gid: int) -> tuple[VmResourcesAnswer, list[int]]:
+        """The VM's taps (their open fds beside the answer), FAM region and work directory."""
         mtus = self.check(request, info)
+        layout = self.settings.layout
         fds: list[int] = []
         try:
             with self.locked(request.job):
@@ -145,35 +169,35 @@ class Jobs:
                 self._publish(job_log)
                 if request.fam is not None:
                     self.policy.check_region_count(request.fam.name, _regions(job_log))
-                taps: list[dict[str, Any]] = []
+                taps: list[TapInfo] = []
                 for net in request.networks:
                     mtu = mtus[net.name]
                     index = job_log.network_index(net.name)
                     bridge = netdev.bridge_name(request.job, index)
                     job_log.record(UndoEntry(Kind.BRIDGE, bridge, network=net.name))
-                    netdev.ensure_bridge(bridge, mtu)
+                    self.devices.ensure_bridge(bridge, mtu)
                     tap = netdev.tap_name(request.job, request.vm, index)
                     job_log.record(UndoEntry(Kind.TAP, tap, vm=request.vm, network=net.name))
-                    netdev.ensure_tap(tap, bridge, mtu)
-                    fds.append(netdev.open_tap(tap))
-                    taps.append({"network": net.name, "ifname": tap, "mac": None})
-                work = workdir.ensure_workdir(self.settings.state, job_log, info.uid, gid)
-                region: dict[str, Any] | None = None
+                    self.devices.ensure_tap(tap, bridge, mtu)
+                    fds.append(self.devices.open_tap(tap))
+                    taps.append(TapInfo(network=net.name, ifname=tap))
+                work = workdir.ensure_workdir(layout, job_log, info.uid, gid)
+                region: FamRegion | None = None
                 if request.fam is not None:
-                    path = fam.ensure_region(self.settings.run, job_log, request.fam.name,
+                    path = fam.ensure_region(layout, job_log, request.fam.name,
                                              request.fam.size, info.uid, gid)
-                    region = {"path": str(path), "size": request.fam.size}
+                    region = FamRegion(path=path, size=request.fam.size)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        return {"ok": True, "taps": taps, "fam": region, "workdir": str(work)}, fds
+        return VmResourcesAnswer(taps=tuple(taps), fam=region, workdir=work), fds
 
     # -------------------------------------------------------------- releasing
 
     def _undo(self, job_log: JobLog, entry: UndoEntry) -> None:
         if entry.kind in (Kind.TAP, Kind.BRIDGE):
-            netdev.remove_link(entry.name)
+            self.devices.remove_link(entry.name)
         elif entry.kind in (Kind.FILE, Kind.DIR):
             fam.remove_path(entry.kind, Path(entry.name))
         elif entry.kind is Kind.TREE:
@@ -196,58 +220,63 @@ class Jobs:
                 if _owned_by(entry.value, job):
                     store.txn([value_is(entry.key, entry.value)], [Delete(entry.key)])
         except StoreError as e:
-            raise failed(f"cannot delete the store keys of job {job}: {e}") from e
+            raise StoreError(f"cannot delete the store keys of job {job}: {e}") from e
 
     def _release_log(self, job_log: JobLog) -> list[str]:
-        """Undo everything in the log (backwards); what was removed. Refusal if not all."""
+        """Undo everything in the log (backwards); what was removed. ResourceError if not all."""
         removed: list[str] = []
         problems: list[str] = []
         for entry in reversed(list(job_log.entries)):
             try:
                 self._undo(job_log, entry)
-            except Refusal as e:
+            except (ResourceError, StoreError) as e:
                 problems.append(str(e))
                 continue
             job_log.forget(entry)
             removed.append(entry.describe())
         # Devices named for the job that the log does not know (it was edited or lost).
-        for name in netdev.links_with_prefix(netdev.job_prefixes(job_log.job)[1]) + \
-                netdev.links_with_prefix(netdev.job_prefixes(job_log.job)[0]):
+        for name in self._stray_devices(job_log.job):
             try:
-                if netdev.remove_link(name):
+                if self.devices.remove_link(name):
                     removed.append(f"stray device {name}")
-            except Refusal as e:
+            except ResourceError as e:
                 problems.append(str(e))
         if problems:
-            raise failed(f"job {job_log.job}: released only in part ({'; '.join(problems)}); "
-                         "the agent's reconcile pass tries again")
+            raise ResourceError(f"job {job_log.job}: released only in part "
+                                f"({'; '.join(problems)}); the agent's reconcile pass tries "
+                                "again")
         undo.remove(job_log)
         return removed
 
     def _release_unlogged(self, job: str, user: str | None) -> list[str]:
         """Release a job this host has no undo log of: stray devices, and its keys."""
-        stray = netdev.links_with_prefix(*netdev.job_prefixes(job))
-        for name in sorted(stray, key=lambda n: not n.startswith("vct")):
-            netdev.remove_link(name)
+        stray = self._stray_devices(job)
+        for name in stray:
+            self.devices.remove_link(name)
         removed = [f"stray device {n}" for n in stray]
         if user is None:
             return removed
         try:
             self._delete_keys(job, user)
-        except Refusal:
+        except StoreError:
             # Leave a log of just the keys, so the reconcile pass deletes them later.
             try:
                 uid = pwd.getpwnam(user).pw_uid
             except KeyError:
                 uid = -1
-            undo.create(self.settings.state, job, uid, user)
+            undo.create(self.settings.layout, job, uid, user)
             raise
         return removed  # deleting keys that may not exist is not worth reporting
 
-    def release(self, job: str, user: str | None = None) -> dict[str, Any]:
+    def _stray_devices(self, job: str) -> list[str]:
+        """The job's devices here, taps first (a bridge goes once its ports are gone)."""
+        bridges, taps = netdev.job_prefixes(job)
+        return self.devices.links_with_prefix(taps) + self.devices.links_with_prefix(bridges)
+
+    def release(self, job: str, user: str | None = None) -> ReleaseAnswer:
         """Remove everything of ``job`` here (``user``: the job's, said by root)."""
         with self.locked(job):
-            job_log = undo.load(self.settings.state, job)
+            job_log = undo.load(self.settings.layout, job)
             if job_log is None:
                 removed = self._release_unlogged(job, user)
             else:
@@ -255,26 +284,33 @@ class Jobs:
                 if user is not None and user != job_log.user:
                     self._delete_keys(job, user)
         log.info("job %s released: %s", job, ", ".join(removed) or "nothing to remove")
-        return {"ok": True, "job": job, "removed": removed}
+        return ReleaseAnswer(job=job, removed=tuple(removed))
 
     # -------------------------------------------------------------- looking
 
     def logged(self) -> list[str]:
-        return undo.logged_jobs(self.settings.state)
+        return undo.logged_jobs(self.settings.layout)
 
-    def status(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+    def status(self) -> tuple[JobStatus, ...]:
+        out: list[JobStatus] = []
         for job in self.logged():
             try:
-                job_log = undo.load(self.settings.state, job)
-            except Refusal as e:
-                out.append({"job": job, "error": str(e)})
+                job_log = undo.load(self.settings.layout, job)
+            except ResourceError as e:
+                out.append(JobStatus(job=job, error=str(e)))
                 continue
             if job_log is not None:
-                data = job_log.to_json()
-                data.pop("format")
-                out.append(data)
-        return out
+                out.append(JobStatus(job=job, log=_logged(job_log)))
+        return tuple(out)
+
+
+def _logged(job_log: JobLog) -> LoggedJob:
+    """An undo log as ``status`` reports it."""
+    entries = tuple(LoggedEntry(kind=str(e.kind), name=e.name, vm=e.vm, network=e.network)
+                    for e in job_log.entries)
+    return LoggedJob(uid=job_log.uid, user=job_log.user, created=job_log.created,
+                     published=job_log.published, networks=dict(job_log.networks),
+                     entries=entries)
 
 
 def _regions(job_log: JobLog) -> set[str]:

@@ -27,7 +27,6 @@ click CLI: the agent stays small and quick to start.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -36,7 +35,9 @@ import sys
 import threading
 from pathlib import Path
 
-from vcluster.agent.client import AgentClient, AgentError, socket_path
+from vcluster import codec
+from vcluster.agent.client import AgentClient, AgentError
+from vcluster.agent.protocol import StatusAnswer
 from vcluster.config.batch import BatchConfig, parse_batch
 from vcluster.config.paths import system_dir
 from vcluster.errors import VclusterError
@@ -53,6 +54,7 @@ def load_config(directory: Path | None) -> BatchConfig:
 def serve(config: BatchConfig, directory: Path, node: str | None, interval: float,
           register: bool, login: bool) -> int:
     from vcluster.agent.jobs import Jobs, Settings
+    from vcluster.agent.netdev import Netlink
     from vcluster.agent.peer import Slurm
     from vcluster.agent.policy import load_policy
     from vcluster.agent.reconcile import Reconciler
@@ -70,18 +72,18 @@ def serve(config: BatchConfig, directory: Path, node: str | None, interval: floa
     slurm = Slurm(node)
     if not login:
         slurm.check_node()
-    dirs = config.directories
-    for directory in (dirs.state, dirs.run):
+    layout = config.directories.layout
+    for directory in (layout.state, layout.run):
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-    settings = Settings(node=node, state=dirs.state, run=dirs.run)
+    settings = Settings(node=node, layout=layout)
     link = StoreLink(config.store)
-    jobs = Jobs(settings, link, policy)
+    jobs = Jobs(settings, link, policy, Netlink())
     registration = Registration(link, node) if register and not login else None
     agent = Agent(jobs, slurm, link, registration)
     try:
-        server = AgentServer(socket_path(dirs.run), agent)
+        server = AgentServer(layout.agent_socket, agent)
     except OSError as e:
-        raise VclusterError(f"cannot serve on {socket_path(dirs.run)}: {e}") from e
+        raise VclusterError(f"cannot serve on {layout.agent_socket}: {e}") from e
     reconciler = Reconciler(jobs, slurm, interval)
 
     def stop(signum: int, _frame: object) -> None:
@@ -91,7 +93,7 @@ def serve(config: BatchConfig, directory: Path, node: str | None, interval: floa
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("vcluster agent of %s (pid %d) serving on %s; state in %s; %s", node, os.getpid(),
-             server.path, dirs.state, "a login node: no reconcile pass" if login else
+             server.path, layout.state, "a login node: no reconcile pass" if login else
              f"reconcile every {interval:g} s")
     if registration is not None:
         registration.start()
@@ -111,7 +113,7 @@ def serve(config: BatchConfig, directory: Path, node: str | None, interval: floa
 
 
 def _client(config: BatchConfig) -> AgentClient:
-    return AgentClient(socket_path(config.directories.run))
+    return AgentClient(config.directories.layout.agent_socket)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -148,21 +150,22 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _print_status(answer: dict[str, object]) -> None:
-    jobs = answer.get("jobs")
-    print(f"host {answer.get('host')} (node {answer.get('node')}), registered in the store: "
-          f"{'yes' if answer.get('registered') else 'no'}")
-    if not isinstance(jobs, list) or not jobs:
+def _print_status(answer: StatusAnswer) -> None:
+    print(f"host {answer.host} (node {answer.node}), registered in the store: "
+          f"{'yes' if answer.registered else 'no'}")
+    if not answer.jobs:
         print("no jobs")
         return
-    for job in jobs:
-        if "error" in job:
-            print(f"job {job['job']}: {job['error']}")
+    for job in answer.jobs:
+        if job.log is None:
+            print(f"job {job.job}: {job.error}")
             continue
-        print(f"job {job['job']} of {job['user']} (uid {job['uid']}):")
-        for entry in job["entries"]:
-            where = "".join(f" {k}={entry[k]}" for k in ("vm", "network") if k in entry)
-            print(f"  {entry['kind']:<7} {entry['name']}{where}")
+        print(f"job {job.job} of {job.log.user} (uid {job.log.uid}):")
+        for entry in job.log.entries:
+            where = "".join(f" {k}={v}" for k, v in (("vm", entry.vm),
+                                                     ("network", entry.network))
+                            if v is not None)
+            print(f"  {entry.kind:<7} {entry.name}{where}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,21 +182,21 @@ def main(argv: list[str] | None = None) -> int:
                          getattr(args, "register", True), getattr(args, "login", False))
         client = _client(config)
         if command == "ping":
-            print(json.dumps(client.ping()))
+            print(codec.to_json(client.ping()))
         elif command == "prolog":
             answer = client.prolog(args.job)
             print(f"job {args.job} set up on {socket.gethostname()}"
-                  + ("" if answer.get("published") else " (not yet recorded in the store)"))
+                  + ("" if answer.published else " (not yet recorded in the store)"))
         elif command == "release":
-            removed = client.release(args.job, args.user).get("removed") or []
+            removed = client.release(args.job, args.user).removed
             print(f"job {args.job} released on {socket.gethostname()}: "
-                  + (", ".join(map(str, removed)) or "nothing to remove"))
+                  + (", ".join(removed) or "nothing to remove"))
         elif command == "status":
-            answer = client.status()
+            status = client.status()
             if args.json:
-                print(json.dumps(answer, indent=1))
+                print(codec.to_json(status, indent=1), end="")
             else:
-                _print_status(answer)
+                _print_status(status)
     except AgentError as e:
         print(f"vcluster-agent: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,10 @@ A tap is handed to the VM runner as an open file descriptor: ``/dev/net/tun``
 attached with TUNSETIFF ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``, the flags QEMU
 uses when it opens a tap itself (``-netdev tap,fd=N`` probes IFF_VNET_HDR and
 uses the virtio-net header when present), so QEMU needs no privilege.
+
+``Devices`` is what the agent's job code needs of a host's devices;
+``Netlink`` is the real one (tests give the agent one that keeps links in
+memory).  The names are pure functions of the job, VM and network index.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import errno
 import fcntl
 import os
 import struct
+from typing import Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vcluster.agent.protocol import failed
+from vcluster.errors import ResourceError
 
 IFNAMSIZ = 16  # with the terminating NUL
 TUNSETIFF = 0x400454CA
@@ -46,8 +51,8 @@ def base36(number: int) -> str:
 
 def _checked(name: str) -> str:
     if len(name) >= IFNAMSIZ:
-        raise failed(f"device name {name} is longer than {IFNAMSIZ - 1} characters "
-                     "(job id or VM index too large)")
+        raise ResourceError(f"device name {name} is longer than {IFNAMSIZ - 1} characters "
+                            "(job id or VM index too large)")
     return name
 
 
@@ -65,6 +70,25 @@ def job_prefixes(job: str) -> tuple[str, str]:
     return f"vcb{tag}n", f"vct{tag}v"
 
 
+class Devices(Protocol):
+    """A host's network devices, as the agent's job code uses them."""
+
+    def ensure_bridge(self, name: str, mtu: int) -> None:
+        """Bridge ``name`` exists, is up and has ``mtu`` (made if missing)."""
+
+    def ensure_tap(self, name: str, bridge: str, mtu: int) -> None:
+        """Persistent tap ``name`` exists, is a port of ``bridge``, has ``mtu`` and is up."""
+
+    def open_tap(self, name: str) -> int:
+        """An open file descriptor on tap ``name``; the caller closes it."""
+
+    def remove_link(self, name: str) -> bool:
+        """Delete interface ``name``; False if it did not exist (that is fine)."""
+
+    def links_with_prefix(self, *prefixes: str) -> list[str]:
+        """Names of the interfaces here that start with one of ``prefixes``, sorted."""
+
+
 def _index(ipr: IPRoute, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return int(found[0]) if found else None
@@ -76,54 +100,73 @@ def _kind(ipr: IPRoute, index: int) -> str | None:
     return None if info is None else str(info.get_attr("IFLA_INFO_KIND"))
 
 
-def ensure_bridge(name: str, mtu: int) -> None:
-    """Bridge ``name`` exists, is up and has ``mtu`` (made if missing)."""
-    try:
-        with IPRoute() as ipr:
-            index = _index(ipr, name)
-            if index is None:
-                ipr.link("add", ifname=name, kind="bridge")
+class Netlink:
+    """The host's real devices, through pyroute2 (``Devices``)."""
+
+    def ensure_bridge(self, name: str, mtu: int) -> None:
+        try:
+            with IPRoute() as ipr:
                 index = _index(ipr, name)
-                assert index is not None
-            elif _kind(ipr, index) != "bridge":
-                raise failed(f"{name} exists and is not a bridge; remove it")
-            ipr.link("set", index=index, mtu=mtu, state="up")
-    except NetlinkError as e:
-        raise failed(f"cannot make bridge {name}: {e}") from e
+                if index is None:
+                    ipr.link("add", ifname=name, kind="bridge")
+                    index = _index(ipr, name)
+                    assert index is not None
+                elif _kind(ipr, index) != "bridge":
+                    raise ResourceError(f"{name} exists and is not a bridge; remove it")
+                ipr.link("set", index=index, mtu=mtu, state="up")
+        except NetlinkError as e:
+            raise ResourceError(f"cannot make bridge {name}: {e}") from e
 
-
-def ensure_tap(name: str, bridge: str, mtu: int) -> None:
-    """Persistent tap ``name`` exists, is a port of ``bridge``, has ``mtu`` and is up."""
-    try:
-        with IPRoute() as ipr:
-            master = _index(ipr, bridge)
-            if master is None:
-                raise failed(f"bridge {bridge} is missing")
-            index = _index(ipr, name)
-            if index is None:
-                ipr.link("add", ifname=name, kind="tuntap", mode="tap",
-                         ifr={"no_pi": True, "vnet_hdr": True})
+    def ensure_tap(self, name: str, bridge: str, mtu: int) -> None:
+        try:
+            with IPRoute() as ipr:
+                master = _index(ipr, bridge)
+                if master is None:
+                    raise ResourceError(f"bridge {bridge} is missing")
                 index = _index(ipr, name)
-                assert index is not None
-            elif _kind(ipr, index) != "tun":
-                raise failed(f"{name} exists and is not a tap; remove it")
-            ipr.link("set", index=index, mtu=mtu, master=master, state="up")
-    except (NetlinkError, OSError) as e:
-        raise failed(f"cannot make tap {name}: {e}") from e
+                if index is None:
+                    ipr.link("add", ifname=name, kind="tuntap", mode="tap",
+                             ifr={"no_pi": True, "vnet_hdr": True})
+                    index = _index(ipr, name)
+                    assert index is not None
+                elif _kind(ipr, index) != "tun":
+                    raise ResourceError(f"{name} exists and is not a tap; remove it")
+                ipr.link("set", index=index, mtu=mtu, master=master, state="up")
+        except (NetlinkError, OSError) as e:
+            raise ResourceError(f"cannot make tap {name}: {e}") from e
 
+    def open_tap(self, name: str) -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS))
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EBUSY:
+                raise ResourceError(f"tap {name} is in use by another process (is another "
+                                    "runner of this VM still running?)") from e
+            raise ResourceError(f"cannot open tap {name}: {e.strerror}") from e
+        return fd
 
-def open_tap(name: str) -> int:
-    """An open file descriptor on tap ``name``; the caller closes it."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS))
-    except OSError as e:
-        os.close(fd)
-        if e.errno == errno.EBUSY:
-            raise failed(f"tap {name} is in use by another process (is another runner of "
-                         "this VM still running?)") from e
-        raise failed(f"cannot open tap {name}: {e.strerror}") from e
-    return fd
+    def remove_link(self, name: str) -> bool:
+        try:
+            with IPRoute() as ipr:
+                index = _index(ipr, name)
+                if index is None:
+                    return False
+                ipr.link("del", index=index)
+                return True
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return False
+            raise ResourceError(f"cannot remove {name}: {e}") from e
+
+    def links_with_prefix(self, *prefixes: str) -> list[str]:
+        try:
+            with IPRoute() as ipr:
+                names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+        except NetlinkError as e:
+            raise ResourceError(f"cannot list the network devices: {e}") from e
+        return sorted(n for n in names if n.startswith(prefixes))
 
 
 def tap_of_fd(fd: int) -> tuple[str, int]:
@@ -131,25 +174,3 @@ def tap_of_fd(fd: int) -> tuple[str, int]:
     raw = fcntl.ioctl(fd, TUNGETIFF, bytes(IFNAMSIZ + 24))
     name, flags = struct.unpack_from("16sH", raw)
     return name.rstrip(b"\0").decode(), int(flags)
-
-
-def remove_link(name: str) -> bool:
-    """Delete interface ``name``; False if it did not exist (that is fine)."""
-    try:
-        with IPRoute() as ipr:
-            index = _index(ipr, name)
-            if index is None:
-                return False
-            ipr.link("del", index=index)
-            return True
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return False
-        raise failed(f"cannot remove {name}: {e}") from e
-
-
-def links_with_prefix(*prefixes: str) -> list[str]:
-    """Names of the interfaces here that start with one of ``prefixes``."""
-    with IPRoute() as ipr:
-        names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
-    return sorted(n for n in names if n.startswith(prefixes))

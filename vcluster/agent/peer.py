@@ -13,8 +13,9 @@ import re
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
-from vcluster.agent.protocol import Refusal, denied, failed
+from vcluster.agent.protocol import AgentError, denied, failed
 from vcluster.errors import CommandError, VclusterError
 from vcluster.run import run
 
@@ -54,6 +55,24 @@ class JobInfo:
     state: str
     nodes: str
     tasks: int | None = None  # NumTasks; None when SLURM did not say
+
+
+class SlurmQueries(Protocol):
+    """What the agent asks SLURM (``Slurm`` asks the real one; tests give canned answers).
+
+    A question SLURM cannot answer raises AgentError (``failed``).
+    """
+
+    node: str
+
+    def job_of_pid(self, pid: int) -> str | None:
+        """The job that process ``pid`` belongs to on this host, or None."""
+
+    def job(self, job: str) -> JobInfo | None:
+        """The job's user and state, or None if SLURM does not know the job (any more)."""
+
+    def jobs_holding_node(self) -> set[str] | None:
+        """Jobs SLURM runs (or is ending) on this node; None when SLURM cannot tell."""
 
 
 class Slurm:
@@ -102,7 +121,7 @@ class Slurm:
         """
         try:
             code, out, err = self._run(["scontrol", "show", "node", "-o", self.node])
-        except Refusal as e:
+        except AgentError as e:
             raise VclusterError(f"cannot check that SLURM knows node {self.node!r}: "
                                 f"{e}") from e
         if code == 0 and f"NodeName={self.node} " in out + " ":
@@ -125,10 +144,10 @@ class Slurm:
         return {line.strip() for line in out.splitlines() if line.strip()}
 
 
-def prove_member(slurm: Slurm, peer: Peer, job: str, host: str) -> JobInfo:
+def prove_member(slurm: SlurmQueries, peer: Peer, job: str, host: str) -> JobInfo:
     """The job, if ``peer`` is a process of ``job`` on this host running as the job's user.
 
-    Otherwise a ``denied`` Refusal that says why.
+    Otherwise a ``denied`` AgentError that says why.
     """
     actual = slurm.job_of_pid(peer.pid)
     if actual != job:
@@ -148,4 +167,5 @@ def require_root(peer: Peer, what: str) -> None:
         raise denied(f"{what} needs root (you are uid {peer.uid})")
 
 
-__all__ = ["JobInfo", "Peer", "Refusal", "Slurm", "peer_of", "prove_member", "require_root"]
+__all__ = ["JobInfo", "Peer", "Slurm", "SlurmQueries", "peer_of", "prove_member",
+           "require_root"]

@@ -5,9 +5,11 @@ or region size.  The agent therefore checks it against the site policy in its
 *own* configuration directory (the one holding its batch.yaml, never a
 user's), read with the project's loaders when the agent starts:
 
-- a network must be defined in ``networks.yaml`` with ``type: private``; its
-  bridge and taps get the MTU given there (a request naming another MTU is
-  refused, so a runner and the agent that disagree say so);
+- a network must be defined in ``networks.yaml``, with the type the request
+  names, and that type must be one the agent makes (its plug-in in
+  ``vcluster.networks`` says so; ``private`` today); its bridge and taps get
+  the MTU given there (a request naming another MTU is refused, so a runner
+  and the agent that disagree say so);
 - a FAM region may not be larger than the largest ``fam.max-size`` of any
   resource set in ``resources.yaml`` (a set without a ``fam`` section allows
   the loaders' default, 1G); without any resource set there are no regions;
@@ -23,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vcluster import networks as network_types
 from vcluster.agent.protocol import MAX_REGIONS, NetworkSpec, bad_request, denied
 from vcluster.config.resources import parse_networks, parse_resources
 from vcluster.schema.fields import format_size
@@ -36,7 +39,7 @@ RESOURCES = "resources.yaml"
 class SiteNetwork:
     name: str
     type: str
-    mtu: int | None  # private networks only
+    mtu: int
     origin: str  # file:line of its definition
 
 
@@ -51,22 +54,29 @@ class Policy:
     max_regions: int = MAX_REGIONS
 
     def network_mtu(self, spec: NetworkSpec, where: str) -> int:
-        """The site's MTU for network ``spec`` (a refusal unless it is a private one)."""
+        """The site's MTU for network ``spec``; a refusal unless the agent may make it."""
+        made = network_types.agent_types()
+        kind = network_types.kind(spec.type)
+        if kind is None or not kind.built_by_agent:
+            what = "is not a network type" if kind is None else "is not supported by this agent"
+            raise bad_request(f"{where}type: {spec.type!r} {what} (expected "
+                              f"{' or '.join(map(repr, made))})")
         site = self.networks.get(spec.name)
         if site is None:
             known = ", ".join(sorted(n for n, s in self.networks.items()
-                                     if s.type == "private")) or "none"
+                                     if s.type in made)) or "none"
             raise denied(f"{where}name: network {spec.name!r} is not defined in "
-                         f"{self.directory / NETWORKS} (private networks there: {known})")
-        if site.type != "private":
+                         f"{self.directory / NETWORKS} ({'/'.join(made)} networks there: "
+                         f"{known})")
+        if site.type != spec.type:
+            why = "" if site.type in made else \
+                f"; this agent makes {'/'.join(made)} networks only"
             raise denied(f"{where}name: network {spec.name!r} is a {site.type} network "
-                         f"({site.origin}); this agent makes private networks only")
+                         f"({site.origin}), not {spec.type}{why}")
         if spec.mtu is not None and spec.mtu != site.mtu:
             raise bad_request(f"{where}mtu: {spec.mtu} differs from the MTU {site.mtu} that "
                               f"{site.origin} gives network {spec.name!r} (the agent uses "
                               "the site's; omit mtu or fix the caller's configuration)")
-        if site.mtu is None:
-            raise denied(f"{where}name: network {spec.name!r} ({site.origin}) has no MTU")
         return site.mtu
 
     def check_fam_size(self, name: str, size: int) -> None:
@@ -91,10 +101,7 @@ def load_policy(directory: Path) -> Policy:
     sets = parse_resources(load_yaml(res_path) if res_path.is_file() else None, networks)
     site: dict[str, SiteNetwork] = {}
     for name, net in networks.items():
-        mtu = getattr(net, "mtu", None)
-        site[name] = SiteNetwork(name=name, type=net.type,
-                                 mtu=int(mtu) if isinstance(mtu, int) else None,
-                                 origin=str(net.origin))
+        site[name] = SiteNetwork(name=name, type=net.type, mtu=net.mtu, origin=str(net.origin))
     fam_max, fam_from = 0, f"{res_path} defines no resource set"
     for rset in sets.values():
         if rset.fam_max_size > fam_max:

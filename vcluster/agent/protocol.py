@@ -1,60 +1,73 @@
-"""The agent's request schema, version 1.
+"""The agent's wire protocol, version 2: typed requests and answers, both ways through the codec.
 
 One request per connection on ``<directories.run>/agent.sock``: the client
 sends one JSON object and a newline, the agent answers with one JSON object
 and a newline (sent with SCM_RIGHTS when it carries file descriptors)::
 
-    {"version": 1, "op": OP, ...}   ->  {"ok": true, ...}
-                                    |   {"ok": false, "error": MESSAGE, "code": CODE}
+    {"version": 2, "op": OP, FIELDS...}  ->  {"ok": true, "answer": ANSWER}
+                                         |   {"ok": false, "code": CODE, "error": MESSAGE}
 
-Ops (who may call them):
+FIELDS are the fields of the op's request dataclass and ANSWER is its answer
+dataclass, both as ``vcluster.codec`` writes them; either end decodes with
+the codec, so an unknown field, a missing one or a wrong type is refused
+naming the field path (``request networks[0].mtu: ...``).  (Version 1 had
+the same requests, with answers flat beside ``ok``: either end of another
+version gets a clear ``unsupported-version``.)  Ops (who may call them):
+request -> answer.
 
-- ``ping`` (anyone) -> ``version``, ``host``.
-- ``vm-resources`` (a process of the job, as the job's user) with ``job``,
-  ``vm``, ``networks`` ([{name, type, mtu}]; ``mtu`` optional) and ``fam``
-  ({name, size} or null) -> ``taps`` ([{network, ifname, mac}], their fds
-  attached in that order), ``fam`` ({path, size} or null) and ``workdir``
-  (the job's work directory on this host: the user's, mode 0700, removed at
-  release).  The site decides what may be made (``agent/policy.py``): each
-  network must be a ``type: private`` network of the agent's networks.yaml
-  and takes its MTU from there (a request naming another MTU is refused), the
-  VM index must be below the job's task count, a FAM region may not exceed
-  the largest ``fam.max-size`` in resources.yaml, and a job has at most
+- ``ping`` (anyone): ``Ping`` -> ``PingAnswer``.
+- ``vm-resources`` (a process of the job, as the job's user): ``VmResources``
+  -> ``VmResourcesAnswer``, the taps' fds attached in the order of ``taps``;
+  ``workdir`` is the job's work directory on this host (the user's, mode
+  0700, removed at release).  The site decides what may be made
+  (``agent/policy.py``): each network must be one of the agent's
+  networks.yaml, of a type the agent makes (``vcluster.networks``), and takes
+  its MTU from there (a request naming another MTU is refused); the VM index
+  must be below the job's task count; a FAM region may not exceed the
+  largest ``fam.max-size`` in resources.yaml; a job has at most
   ``MAX_REGIONS`` region names per host.
-- ``credentials`` (any local user) -> ``user``, ``password``, ``prefix``,
-  ``endpoints``, ``ca_cert``.
-- ``prolog`` (root) with ``job``; ``release`` (root) with ``job`` and an
-  optional ``user`` (the job's user, from the epilog's SLURM_JOB_USER: its
-  cluster keys are deleted even when this host has no undo log of the job);
-  ``status`` (root).
+- ``credentials`` (any local user): ``Credentials`` -> ``CredentialsAnswer``.
+- ``prolog`` (root): ``Prolog`` -> ``PrologAnswer``; ``release`` (root):
+  ``Release`` -> ``ReleaseAnswer`` (``user``, the job's from the epilog's
+  SLURM_JOB_USER, has its cluster keys deleted even when this host has no
+  undo log of the job); ``status`` (root): ``Status`` -> ``StatusAnswer``.
 
-Every caller is identified by SO_PEERCRED, never by what it sends.  This
-module parses and validates requests into frozen dataclasses; anything
-malformed is a ``bad-request`` naming the field and what was expected.  A
+Every caller is identified by SO_PEERCRED, never by what it sends.  Beyond
+the types, each request's ``validate`` checks names and ranges, and a
+failure is a ``bad-request`` naming the field and what was expected.  A
 caller beyond the server's connection limits gets ``busy`` (try again).
+
+Imports only the standard library, the codec and the error tree: the client
+(every VM runner) loads it.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
 
+from vcluster import codec
 from vcluster.errors import VclusterError
 
-VERSION = 1
-SOCKET_NAME = "agent.sock"
+VERSION = 2
 MAX_MESSAGE = 64 * 1024  # a request is a few hundred bytes; refuse anything absurd
 MAX_NETWORKS = 36  # one base-36 digit in device names
 MAX_VM = 36**3 - 1  # three base-36 digits in device names
 MIN_FAM = 4096
 MAX_REGIONS = 8  # distinct FAM region names per job and host (each is host memory)
+MIN_MTU, MAX_MTU = 68, 65535
 
 _JOB_RE = re.compile(r"^[0-9]{1,10}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}$")
+
+A = TypeVar("A")
 
 
 class Code(StrEnum):
@@ -65,29 +78,65 @@ class Code(StrEnum):
     FAILED = "failed"  # the agent tried and could not
     UNSUPPORTED_VERSION = "unsupported-version"
     BUSY = "busy"  # too many connections at once (server.py); try again
+    UNAVAILABLE = "unavailable"  # the client's own: no agent answered (never on the wire)
 
     def __str__(self) -> str:
         return self.value
 
+    @classmethod
+    def read(cls, text: str) -> Code:
+        """The code an agent sent; one this version does not know counts as ``failed``."""
+        try:
+            return cls(text)
+        except ValueError:
+            return cls.FAILED
 
-class Refusal(VclusterError):
-    """A request the agent answers with ``ok: false``: a code and a one-line message."""
+
+class AgentError(VclusterError):
+    """A request the agent refused or could not do: ``code`` and a one-line message.
+
+    The same class on both ends: the agent's handlers raise it and the server
+    sends it as ``Refused``; the client raises it again from what it got.
+    """
 
     def __init__(self, code: Code, message: str) -> None:
         self.code = code
         super().__init__(message)
 
 
-def denied(message: str) -> Refusal:
-    return Refusal(Code.DENIED, message)
+class AgentUnavailable(AgentError):
+    """No agent answers on the socket (or what it sent cannot be read)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.UNAVAILABLE, message)
 
 
-def bad_request(message: str) -> Refusal:
-    return Refusal(Code.BAD_REQUEST, message)
+def denied(message: str) -> AgentError:
+    return AgentError(Code.DENIED, message)
 
 
-def failed(message: str) -> Refusal:
-    return Refusal(Code.FAILED, message)
+def bad_request(message: str) -> AgentError:
+    return AgentError(Code.BAD_REQUEST, message)
+
+
+def failed(message: str) -> AgentError:
+    return AgentError(Code.FAILED, message)
+
+
+def _invalid(where: str, problem: str) -> AgentError:
+    """A bad request worded as the codec words its refusals: ``request PATH: PROBLEM``."""
+    return bad_request(f"request {where}: {problem}")
+
+
+def _check_job(job: str) -> None:
+    if not _JOB_RE.match(job):
+        raise _invalid("job", f"{job!r} is not a SLURM job id (expected digits, such as \"123\")")
+
+
+def _check_name(name: str, where: str) -> None:
+    if not _NAME_RE.match(name):
+        raise _invalid(where, f"{name!r} is not a name (expected letters, digits, . _ - "
+                              "starting with a letter or digit, at most 64)")
 
 
 # ------------------------------------------------------------------ requests
@@ -95,170 +144,275 @@ def failed(message: str) -> Refusal:
 
 @dataclass(frozen=True)
 class NetworkSpec:
+    """A network of the site (networks.yaml) to attach a VM to."""
+
     name: str
-    type: str
-    mtu: int | None  # None: the site's (networks.yaml); the agent never uses another
+    type: str  # a type of vcluster.networks; the agent's policy says which it makes
+    mtu: int | None = None  # None: the site's; the agent never uses another
+
+    def validate(self, where: str) -> None:
+        _check_name(self.name, f"{where}.name")
+        if not _TYPE_RE.match(self.type):
+            raise _invalid(f"{where}.type", f"{self.type!r} is not a network type (expected "
+                                            "lower-case letters, such as \"private\")")
+        if self.mtu is not None and not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise _invalid(f"{where}.mtu", f"{self.mtu} is out of range (expected {MIN_MTU} "
+                                           f"to {MAX_MTU})")
 
 
 @dataclass(frozen=True)
 class FamSpec:
+    """A FAM region of the job: every VM asking for ``name`` gets the same one."""
+
     name: str
     size: int
+
+    def validate(self, where: str) -> None:
+        _check_name(self.name, f"{where}.name")
+        if self.size < MIN_FAM or self.size & (self.size - 1):
+            raise _invalid(f"{where}.size", f"{self.size} is not a power of two of at least "
+                                            f"{MIN_FAM} bytes (ivshmem needs one)")
 
 
 @dataclass(frozen=True)
 class Ping:
-    pass
+    op: ClassVar[str] = "ping"
+
+    def validate(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
 class VmResources:
+    op: ClassVar[str] = "vm-resources"
     job: str
     vm: int
     networks: tuple[NetworkSpec, ...]
-    fam: FamSpec | None
+    fam: FamSpec | None = None
+
+    def validate(self) -> None:
+        _check_job(self.job)
+        if not 0 <= self.vm <= MAX_VM:
+            raise _invalid("vm", f"{self.vm} is out of range (expected 0 to {MAX_VM})")
+        if len(self.networks) > MAX_NETWORKS:
+            raise _invalid("networks", f"{len(self.networks)} networks (expected at most "
+                                       f"{MAX_NETWORKS})")
+        for i, net in enumerate(self.networks):
+            net.validate(f"networks[{i}]")
+        names = [n.name for n in self.networks]
+        if len(set(names)) != len(names):
+            raise _invalid("networks", f"a name appears twice in {names} (expected each "
+                                       "network once)")
+        if self.fam is not None:
+            self.fam.validate("fam")
 
 
 @dataclass(frozen=True)
 class Credentials:
-    pass
+    op: ClassVar[str] = "credentials"
+
+    def validate(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
 class Prolog:
+    op: ClassVar[str] = "prolog"
     job: str
+
+    def validate(self) -> None:
+        _check_job(self.job)
 
 
 @dataclass(frozen=True)
 class Release:
+    op: ClassVar[str] = "release"
     job: str
     user: str | None = None  # the job's user, said by root (the epilog)
+
+    def validate(self) -> None:
+        _check_job(self.job)
+        if self.user is not None and not _USER_RE.match(self.user):
+            raise _invalid("user", f"{self.user!r} is not a user name (expected letters, "
+                                   "digits and . _ @ -, at most 64)")
 
 
 @dataclass(frozen=True)
 class Status:
-    pass
+    op: ClassVar[str] = "status"
+
+    def validate(self) -> None:
+        pass
 
 
 Request = Ping | VmResources | Credentials | Prolog | Release | Status
+_REQUESTS: tuple[type[Request], ...] = (Ping, VmResources, Credentials, Prolog, Release, Status)
+OPS: dict[str, type[Request]] = {cls.op: cls for cls in _REQUESTS}
 
 
-def _field(data: dict[str, Any], key: str, kind: type, expected: str, where: str = "") -> Any:
-    if key not in data:
-        raise bad_request(f"{where}{key}: missing (expected {expected})")
-    value = data[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise bad_request(f"{where}{key}: {json.dumps(value)} is not {expected}")
-    return value
-
-
-def job_id(data: dict[str, Any]) -> str:
-    job = _field(data, "job", str, "a SLURM job id such as \"123\"")
-    if not _JOB_RE.match(job):
-        raise bad_request(f"job: {job!r} is not a SLURM job id (expected digits, such as \"123\")")
-    return str(job)
-
-
-def _name(data: dict[str, Any], where: str) -> str:
-    name = str(_field(data, "name", str, "a name", where))
-    if not _NAME_RE.match(name):
-        raise bad_request(f"{where}name: {name!r} is not a name (expected letters, digits, "
-                          ". _ - starting with a letter or digit, at most 64)")
-    return name
-
-
-def _network(item: Any, i: int) -> NetworkSpec:
-    where = f"networks[{i}]."
-    if not isinstance(item, dict):
-        raise bad_request(f"networks[{i}]: expected an object {{name, type, mtu}}")
-    name = _name(item, where)
-    kind = str(_field(item, "type", str, "a network type such as \"private\"", where))
-    if kind != "private":
-        raise bad_request(f"{where}type: {kind!r} is not supported by this agent "
-                          "(expected \"private\")")
-    if item.get("mtu") is None:
-        return NetworkSpec(name, kind, None)
-    mtu = int(_field(item, "mtu", int, "an MTU from 68 to 65535", where))
-    if not 68 <= mtu <= 65535:
-        raise bad_request(f"{where}mtu: {mtu} is out of range (expected 68 to 65535)")
-    return NetworkSpec(name, kind, mtu)
-
-
-def _fam(item: Any) -> FamSpec | None:
-    if item is None:
-        return None
-    if not isinstance(item, dict):
-        raise bad_request("fam: expected an object {name, size} or null")
-    name = _name(item, "fam.")
-    size = int(_field(item, "size", int, "a size in bytes", "fam."))
-    if size < MIN_FAM or size & (size - 1):
-        raise bad_request(f"fam.size: {size} is not a power of two of at least {MIN_FAM} bytes "
-                          "(ivshmem needs one)")
-    return FamSpec(name, size)
-
-
-def _user(data: dict[str, Any]) -> str | None:
-    if data.get("user") is None:
-        return None
-    user = str(_field(data, "user", str, "a user name"))
-    if not _USER_RE.match(user):
-        raise bad_request(f"user: {user!r} is not a user name (expected letters, digits and "
-                          ". _ @ -, at most 64)")
-    return user
-
-
-def _vm_resources(data: dict[str, Any]) -> VmResources:
-    job = job_id(data)
-    vm = int(_field(data, "vm", int, "a VM index from 0"))
-    if not 0 <= vm <= MAX_VM:
-        raise bad_request(f"vm: {vm} is out of range (expected 0 to {MAX_VM})")
-    raw = _field(data, "networks", list, "a list of networks")
-    if len(raw) > MAX_NETWORKS:
-        raise bad_request(f"networks: {len(raw)} networks (expected at most {MAX_NETWORKS})")
-    networks = tuple(_network(item, i) for i, item in enumerate(raw))
-    names = [n.name for n in networks]
-    if len(set(names)) != len(names):
-        raise bad_request(f"networks: a name appears twice in {names}")
-    return VmResources(job, vm, networks, _fam(data.get("fam")))
+def encode_request(request: Request) -> bytes:
+    """One request on the wire: the version, the op and its fields."""
+    message = {"version": VERSION, "op": request.op, **codec.to_data(request)}
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 def parse(line: bytes) -> Request:
-    """The request in ``line`` (one JSON object), or a Refusal saying what is wrong."""
+    """The request in ``line`` (one JSON object), or an AgentError saying what is wrong."""
     try:
         data = json.loads(line)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"the request is not JSON ({e})") from None
     if not isinstance(data, dict):
         raise bad_request("the request is not a JSON object")
-    version = data.get("version")
+    version = data.pop("version", None)
     if version != VERSION:
-        raise Refusal(Code.UNSUPPORTED_VERSION,
-                      f"request version {json.dumps(version)} is not supported "
-                      f"(this agent speaks version {VERSION})")
-    op = data.get("op")
-    if op == "ping":
-        return Ping()
-    if op == "vm-resources":
-        return _vm_resources(data)
-    if op == "credentials":
-        return Credentials()
-    if op == "prolog":
-        return Prolog(job_id(data))
-    if op == "release":
-        return Release(job_id(data), _user(data))
-    if op == "status":
-        return Status()
-    raise bad_request(f"op: {json.dumps(op)} is not an operation (expected one of ping, "
-                      "vm-resources, credentials, prolog, release, status)")
+        raise AgentError(Code.UNSUPPORTED_VERSION,
+                         f"request version {json.dumps(version)} is not supported "
+                         f"(this agent speaks version {VERSION})")
+    op = data.pop("op", None)
+    cls = OPS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise _invalid("op", f"{json.dumps(op)} is not an operation (expected one of "
+                             f"{', '.join(OPS)})")
+    request = codec.from_data(cls, data, what="request", root="", error=bad_request)
+    request.validate()
+    return request
 
 
-# ------------------------------------------------------------------ responses
+# ------------------------------------------------------------------ answers
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    """One message on the wire: compact JSON and a newline."""
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+@dataclass(frozen=True)
+class PingAnswer:
+    version: int
+    host: str
 
 
-def error_response(code: Code, message: str) -> dict[str, Any]:
-    return {"ok": False, "error": message, "code": code.value}
+@dataclass(frozen=True)
+class TapInfo:
+    """A tap made for the VM; its open file descriptor travels beside the answer."""
+
+    network: str
+    ifname: str
+    mac: str | None = None  # None: the VM runner chooses (cluster.mac_address)
+
+
+@dataclass(frozen=True)
+class FamRegion:
+    path: Path  # the region's file (the job user's, 0600)
+    size: int
+
+
+@dataclass(frozen=True)
+class VmResourcesAnswer:
+    taps: tuple[TapInfo, ...]
+    fam: FamRegion | None
+    workdir: Path  # the job's work directory on this host (the user's, 0700)
+
+
+@dataclass(frozen=True)
+class CredentialsAnswer:
+    user: str  # the etcd user
+    password: str = field(repr=False)
+    prefix: str  # the only keys the user may touch
+    endpoints: tuple[str, ...]
+    ca_cert: str | None = None  # PEM text of the store's CA, when batch.yaml names one
+
+
+@dataclass(frozen=True)
+class PrologAnswer:
+    job: str
+    published: bool  # the job's owner and this host's setup are in the store
+
+
+@dataclass(frozen=True)
+class ReleaseAnswer:
+    job: str
+    removed: tuple[str, ...]  # what was removed, in words ("tap vct3fv0n0")
+
+
+@dataclass(frozen=True)
+class LoggedEntry:
+    """One thing a job's undo log names: ``kind`` is bridge, tap, dir, file, tree or store."""
+
+    kind: str
+    name: str
+    vm: int | None = None
+    network: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggedJob:
+    """What a job's undo log on this host holds."""
+
+    uid: int
+    user: str
+    created: float
+    published: bool
+    networks: dict[str, int]  # network name: the index in its devices' names
+    entries: tuple[LoggedEntry, ...]
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One undo log on this host: what it holds, or why it cannot be read."""
+
+    job: str
+    log: LoggedJob | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.log is None) == (self.error is None):
+            raise ValueError("a job's status has either its log or an error")
+
+
+@dataclass(frozen=True)
+class StatusAnswer:
+    host: str
+    node: str  # the SLURM node name of this host
+    registered: bool  # the host's registration lease is held
+    jobs: tuple[JobStatus, ...]
+
+
+Answer = (PingAnswer | VmResourcesAnswer | CredentialsAnswer | PrologAnswer | ReleaseAnswer
+          | StatusAnswer)
+
+
+# ------------------------------------------------------------------ replies
+
+
+@dataclass(frozen=True)
+class Answered:
+    ok: Literal[True]
+    answer: Any  # the op's answer dataclass: read by a caller who knows the op
+
+
+@dataclass(frozen=True)
+class Refused:
+    ok: Literal[False]
+    code: str  # a Code; read with Code.read, so a newer agent's code still reads
+    error: str  # one line
+
+
+Reply = Answered | Refused
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """One reply on the wire: compact JSON and a newline."""
+    return codec.to_json(reply).encode() + b"\n"
+
+
+def decode_reply(line: bytes, cls: type[A], unreadable: Callable[[str], Exception]) -> A:
+    """The answer of class ``cls`` in ``line``; AgentError for a refusal.
+
+    A reply that does not decode is ``unreadable(message)``.
+    """
+    try:
+        data = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise unreadable(f"the reply is not JSON ({e}; {line[:80]!r})") from None
+    if isinstance(data, dict) and data.get("ok") is False:
+        refused = codec.from_data(Refused, data, what="reply", error=unreadable)
+        raise AgentError(Code.read(refused.code), refused.error)
+    answered = codec.from_data(Answered, data, what="reply", error=unreadable)
+    return codec.from_data(cls, answered.answer, what="reply", root="answer", error=unreadable)

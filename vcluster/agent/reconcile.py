@@ -14,8 +14,8 @@ import logging
 import threading
 
 from vcluster.agent.jobs import Jobs
-from vcluster.agent.peer import Slurm
-from vcluster.agent.protocol import Refusal
+from vcluster.agent.peer import SlurmQueries
+from vcluster.errors import VclusterError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ DEFAULT_INTERVAL = 60.0
 
 
 class Reconciler:
-    def __init__(self, jobs: Jobs, slurm: Slurm, interval: float = DEFAULT_INTERVAL) -> None:
+    def __init__(self, jobs: Jobs, slurm: SlurmQueries,
+                 interval: float = DEFAULT_INTERVAL) -> None:
         self.jobs = jobs
         self.slurm = slurm
         self.interval = interval
@@ -38,7 +39,7 @@ class Reconciler:
             return []
         try:
             holding = self.slurm.jobs_holding_node()
-        except Refusal as e:
+        except VclusterError as e:
             holding = None
             log.warning("reconcile: %s", e)
         if holding is None:
@@ -53,7 +54,7 @@ class Reconciler:
                 self.jobs.release(job)
                 released.append(job)
                 log.info("reconcile: released job %s (SLURM no longer runs it here)", job)
-            except Refusal as e:
+            except VclusterError as e:
                 log.warning("reconcile: %s", e)
         return released
 

@@ -14,6 +14,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from vcluster import __version__
@@ -31,11 +32,13 @@ RETRY = 5.0
 
 
 class StoreLink:
-    """One shared store connection, opened when first needed."""
+    """One shared store connection, opened when first needed (``opener``: tests' stores)."""
 
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig,
+                 opener: Callable[[StoreConfig], Store] = open_store) -> None:
         self.config = config
         self.keys = Keys(config.prefix)
+        self._opener = opener
         self._store: Store | None = None
         self._lock = threading.Lock()
 
@@ -44,7 +47,7 @@ class StoreLink:
         with self._lock:
             if self._store is None:
                 try:
-                    self._store = open_store(self.config)
+                    self._store = self._opener(self.config)
                 except StoreError:
                     raise
                 except VclusterError as e:  # a configuration problem

@@ -14,6 +14,11 @@ no thread.  Root (the prolog, the epilog's ``release``, ``status``) has
 ``ROOT_RESERVE`` more, so clients that connect and send nothing never starve
 the epilog.  At most ``MAX_CONNECTIONS + ROOT_RESERVE`` threads serve.
 
+This is where failures become the wire's codes, for every request
+(``_refusal``): an AgentError keeps its own (denied, bad-request, ...), any
+other VclusterError (a resource, the store, credentials) is ``failed`` with
+its message, and anything else is ``failed`` and logged with its traceback.
+
 At start-up an existing socket is removed only when nothing listens on it
 (connect says ECONNREFUSED, or it vanished); if another agent answers, or
 does not answer in time (busy), this one refuses to start.
@@ -36,6 +41,7 @@ from typing import Any
 from vcluster.agent import protocol as p
 from vcluster.agent.peer import Peer, peer_of
 from vcluster.agent.service import Agent
+from vcluster.errors import VclusterError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,19 @@ def _send(sock: socket.socket, message: bytes, fds: list[int]) -> None:
         sock.sendall(message[sent:])
 
 
+def _refusal(error: Exception, op: str, peer: Peer) -> p.Refused:
+    """The wire's refusal for ``error``: the one place errors get their codes."""
+    if isinstance(error, p.AgentError):
+        return p.Refused(False, error.code.value, str(error))
+    if isinstance(error, TimeoutError):
+        return p.Refused(False, p.Code.BAD_REQUEST.value,
+                         f"no complete request within {READ_DEADLINE:g} s")
+    if isinstance(error, VclusterError):
+        return p.Refused(False, p.Code.FAILED.value, str(error))
+    log.error("request %s from %s failed", op, peer, exc_info=error)
+    return p.Refused(False, p.Code.FAILED.value, f"the agent failed: {error}")
+
+
 class _Handler(socketserver.BaseRequestHandler):
     server: AgentServer
     client_address: Peer
@@ -80,30 +99,27 @@ class _Handler(socketserver.BaseRequestHandler):
         fds: list[int] = []
         peer: Peer = self.client_address  # counted in by process_request
         op = "?"
+        reply: p.Reply
         try:
             request = p.parse(_read_line(sock, deadline))
-            op = type(request).__name__
+            op = request.op
             answer, fds = self.server.agent.handle(request, peer)
-        except p.Refusal as e:
-            answer = p.error_response(e.code, str(e))
-        except TimeoutError:
-            answer = p.error_response(p.Code.BAD_REQUEST,
-                                      f"no complete request within {READ_DEADLINE:g} s")
+            reply = p.Answered(True, answer)
         except Exception as e:
-            log.exception("request %s from %s failed", op, peer)
-            answer = p.error_response(p.Code.FAILED, f"the agent failed: {e}")
+            reply = _refusal(e, op, peer)
         try:
             sock.settimeout(SEND_TIMEOUT)
-            _send(sock, p.encode(answer), fds)
+            _send(sock, p.encode_reply(reply), fds)
         except OSError as e:
             log.warning("could not answer %s (%s): %s", peer, op, e)
         finally:
             for fd in fds:
                 os.close(fd)
-        level = logging.INFO if answer.get("ok") and op not in ("Ping", "Status") else (
-            logging.DEBUG if answer.get("ok") else logging.WARNING)
-        log.log(level, "%s from pid %s uid %s: %s", op, peer.pid, peer.uid,
-                "ok" if answer.get("ok") else answer.get("error"))
+        if isinstance(reply, p.Refused):
+            log.warning("%s from pid %s uid %s: %s", op, peer.pid, peer.uid, reply.error)
+        else:
+            log.log(logging.DEBUG if op in ("ping", "status") else logging.INFO,
+                    "%s from pid %s uid %s: ok", op, peer.pid, peer.uid)
 
 
 class AgentServer(socketserver.UnixStreamServer):
@@ -168,7 +184,7 @@ class AgentServer(socketserver.UnixStreamServer):
             log.warning("busy: refused a connection of pid %d uid %d", peer.pid, peer.uid)
             try:
                 sock.settimeout(0.2)
-                sock.send(p.encode(p.error_response(p.Code.BUSY, why)))
+                sock.send(p.encode_reply(p.Refused(False, p.Code.BUSY.value, why)))
             except OSError:
                 pass
             self.shutdown_request(sock)

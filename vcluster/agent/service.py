@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 from vcluster.agent import protocol as p
 from vcluster.agent.credentials import Issuer
 from vcluster.agent.jobs import Jobs
-from vcluster.agent.peer import Peer, Slurm, prove_member, require_root
+from vcluster.agent.peer import Peer, SlurmQueries, prove_member, require_root
 from vcluster.agent.registration import Registration, StoreLink
 from vcluster.errors import StoreError
 
-Answer = tuple[dict[str, Any], list[int]]
+Handled = tuple[p.Answer, list[int]]  # the answer and the file descriptors sent with it
 
 
 class Agent:
-    """The request handlers of one agent (the server calls ``handle`` per request)."""
+    """The request handlers of one agent (the server calls ``handle`` per request).
 
-    def __init__(self, jobs: Jobs, slurm: Slurm, link: StoreLink,
+    A handler raises AgentError for what it refuses, or any VclusterError
+    (ResourceError, StoreError, ...) for what it could not do; the server
+    turns either into the wire's refusal.
+    """
+
+    def __init__(self, jobs: Jobs, slurm: SlurmQueries, link: StoreLink,
                  registration: Registration | None = None) -> None:
         self.jobs = jobs
         self.slurm = slurm
@@ -27,9 +31,9 @@ class Agent:
         self.issuer = Issuer(link.config)
         self.hostname = socket.gethostname()
 
-    def handle(self, request: p.Request, peer: Peer) -> Answer:
+    def handle(self, request: p.Request, peer: Peer) -> Handled:
         if isinstance(request, p.Ping):
-            return {"ok": True, "version": p.VERSION, "host": self.hostname}, []
+            return p.PingAnswer(version=p.VERSION, host=self.hostname), []
         if isinstance(request, p.VmResources):
             info = prove_member(self.slurm, peer, request.job, self.jobs.settings.node)
             return self.jobs.vm_resources(request, info, peer.gid)
@@ -37,7 +41,7 @@ class Agent:
             try:
                 store = self.link.get()
             except StoreError as e:
-                raise p.failed(f"the store cannot be reached: {e}") from e
+                raise StoreError(f"the store cannot be reached: {e}") from e
             return self.issuer.issue(store, peer.uid), []
         if isinstance(request, p.Prolog):
             require_root(peer, "prolog")
@@ -51,6 +55,6 @@ class Agent:
         if isinstance(request, p.Status):
             require_root(peer, "status")
             registered = self.registration is not None and self.registration.registered.is_set()
-            return {"ok": True, "host": self.hostname, "node": self.jobs.settings.node,
-                    "registered": registered, "jobs": self.jobs.status()}, []
+            return p.StatusAnswer(host=self.hostname, node=self.jobs.settings.node,
+                                  registered=registered, jobs=self.jobs.status()), []
         raise p.bad_request(f"unknown request {request!r}")

@@ -2,29 +2,33 @@
 
 Everything the agent makes for a job (bridge, tap, directory, file, store
 keys) is appended here *before* it is made, and the file is replaced
-atomically (write, fsync, rename, fsync the directory), so a crash at any
-point leaves a log that names everything that may exist.  Releasing walks the
-log backwards and drops each entry once its thing is gone (a thing that was
-never made, or is gone already, counts as gone), so release is idempotent and
-can resume after a crash.  The log also keeps the job's owner and the index
-given to each of its private networks (device names use the index).
+atomically (``files.write_atomically``), so a crash at any point leaves a
+log that names everything that may exist.  Releasing walks the log backwards
+and drops each entry once its thing is gone (a thing that was never made, or
+is gone already, counts as gone), so release is idempotent and can resume
+after a crash.  The log also keeps the job's owner and the index given to
+each of its private networks (device names use the index).
+
+The file is a ``LogFile`` written and read by ``vcluster.codec``: an unknown
+field or a wrong type is refused naming the file and the field path, since
+a log this agent cannot fully read cannot be fully released either.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
-from vcluster.agent.protocol import failed
+from vcluster import codec
+from vcluster.errors import ResourceError
+from vcluster.files import write_atomically
+from vcluster.hostpaths import HostLayout
 
 FORMAT = 1
-LOG_NAME = "undo.json"
 
 
 class Kind(StrEnum):
@@ -50,6 +54,25 @@ class UndoEntry:
         if self.kind is Kind.STORE:
             return f"store keys (user {self.name})"
         return f"{self.kind} {self.name}"
+
+
+@dataclass(frozen=True)
+class LogFile:
+    """The file format of an undo log."""
+
+    format: int
+    job: str
+    uid: int
+    user: str
+    created: float
+    networks: dict[str, int]
+    published: bool = False
+    entries: tuple[UndoEntry, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.format != FORMAT:
+            raise ValueError(f"format {self.format} is not {FORMAT}, the one this agent "
+                             "writes (written by another vcluster version?)")
 
 
 @dataclass
@@ -87,81 +110,52 @@ class JobLog:
             self.save()
         return self.networks[name]
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT, "job": self.job, "uid": self.uid, "user": self.user,
-            "created": self.created, "networks": self.networks, "published": self.published,
-            "entries": [{k: (str(v) if isinstance(v, Kind) else v)
-                         for k, v in asdict(e).items() if v is not None} for e in self.entries],
-        }
+    def to_file(self) -> LogFile:
+        return LogFile(format=FORMAT, job=self.job, uid=self.uid, user=self.user,
+                       created=self.created, networks=dict(self.networks),
+                       published=self.published, entries=tuple(self.entries))
 
     def save(self) -> None:
-        write_atomically(self.path, json.dumps(self.to_json(), indent=1) + "\n")
+        try:
+            write_atomically(self.path, codec.to_json(self.to_file(), indent=1))
+        except OSError as e:
+            raise ResourceError(f"cannot write the undo log {self.path}: {e.strerror}") from e
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-
-
-def jobs_dir(state: Path) -> Path:
-    return state / "jobs"
-
-
-def job_dir(state: Path, job: str) -> Path:
-    return jobs_dir(state) / job
-
-
-def logged_jobs(state: Path) -> list[str]:
+def logged_jobs(layout: HostLayout) -> list[str]:
     """The jobs that have an undo log on this host."""
     try:
-        names = os.listdir(jobs_dir(state))
+        names = os.listdir(layout.undo_logs)
     except FileNotFoundError:
         return []
     return sorted((n for n in names if n.isdigit()), key=int)
 
 
-def load(state: Path, job: str) -> JobLog | None:
-    """The job's log, None if there is none; a Refusal if it cannot be read."""
-    path = job_dir(state, job) / LOG_NAME
+def load(layout: HostLayout, job: str) -> JobLog | None:
+    """The job's log, None if there is none; a ResourceError if it cannot be read."""
+    path = layout.undo_log(job)
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        raise failed(f"the undo log {path} cannot be read ({e}); fix or remove it") from e
-    try:
-        if data["format"] != FORMAT:
-            raise ValueError(f"format {data['format']!r}, expected {FORMAT}")
-        return JobLog(
-            path=path, job=str(data["job"]), uid=int(data["uid"]), user=str(data["user"]),
-            created=float(data["created"]),
-            networks={str(k): int(v) for k, v in data["networks"].items()},
-            published=bool(data.get("published", False)),
-            entries=[UndoEntry(kind=Kind(e["kind"]), name=str(e["name"]), vm=e.get("vm"),
-                               network=e.get("network")) for e in data["entries"]],
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise failed(f"the undo log {path} is not one this agent wrote ({e})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResourceError(f"the undo log {path} cannot be read ({e}); fix or remove it") from e
+    saved = codec.from_json(LogFile, text, what=f"the undo log {path}", root="",
+                            error=lambda m: ResourceError(f"{m} (fix or remove it)"))
+    return JobLog(path=path, job=saved.job, uid=saved.uid, user=saved.user,
+                  created=saved.created, networks=dict(saved.networks),
+                  entries=list(saved.entries), published=saved.published)
 
 
-def create(state: Path, job: str, uid: int, user: str) -> JobLog:
+def create(layout: HostLayout, job: str, uid: int, user: str) -> JobLog:
     """A new, saved log for ``job``, its first entry the job's store keys (undone last)."""
-    directory = job_dir(state, job)
-    jobs_dir(state).mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory.mkdir(mode=0o700, exist_ok=True)
-    log = JobLog(path=directory / LOG_NAME, job=job, uid=uid, user=user)
+    directory = layout.undo_dir(job)
+    try:
+        layout.undo_logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ResourceError(f"cannot make {directory} for the undo log: {e.strerror}") from e
+    log = JobLog(path=layout.undo_log(job), job=job, uid=uid, user=user)
     log.entries.append(UndoEntry(Kind.STORE, user))
     log.save()
     return log
@@ -169,8 +163,9 @@ def create(state: Path, job: str, uid: int, user: str) -> JobLog:
 
 def remove(log: JobLog) -> None:
     """Delete the (now empty) log and its directory."""
-    for name in (LOG_NAME, f".{LOG_NAME}.tmp"):
+    # write_atomically's temporary file, left if the agent died in the middle of a save
+    for path in (log.path, log.path.with_name(f".{log.path.name}.tmp")):
         with contextlib.suppress(FileNotFoundError):
-            (log.path.parent / name).unlink()
+            path.unlink()
     with contextlib.suppress(FileNotFoundError):
         log.path.parent.rmdir()

@@ -8,7 +8,7 @@ a runner was killed with SIGKILL.  It lives under ``directories.state``
 (disk), not the tmpfs of ``directories.run``: overlays grow with the guests'
 writes.  The tree is the user's; it is removed with ``shutil.rmtree``, which
 on Linux works through directory file descriptors and never follows a link
-the user planted.
+the user planted.  Its path comes from ``vcluster.hostpaths.HostLayout``.
 """
 
 from __future__ import annotations
@@ -19,29 +19,27 @@ import shutil
 import stat
 from pathlib import Path
 
-from vcluster.agent.protocol import failed
 from vcluster.agent.undo import JobLog, Kind, UndoEntry
+from vcluster.errors import ResourceError
+from vcluster.hostpaths import HostLayout
 
 
-def work_path(state: Path, job: str) -> Path:
-    return state / "work" / job
-
-
-def ensure_workdir(state: Path, log: JobLog, uid: int, gid: int) -> Path:
+def ensure_workdir(layout: HostLayout, log: JobLog, uid: int, gid: int) -> Path:
     """The job's work directory, made (and recorded) if missing; its path."""
-    path = work_path(state, log.job)
+    path = layout.work_dir(log.job)
     try:
-        path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        layout.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
         log.record(UndoEntry(Kind.TREE, str(path)))
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)
         info = os.lstat(path)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (0, uid):
-            raise failed(f"{path} is not the job's work directory; remove it")
+        # Made by the agent (root at a site) and then given away, or the user's already.
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (os.geteuid(), uid):
+            raise ResourceError(f"{path} is not the job's work directory; remove it")
         os.chown(path, uid, gid, follow_symlinks=False)
         os.chmod(path, 0o700, follow_symlinks=False)
     except OSError as e:
-        raise failed(f"cannot make the work directory {path}: {e.strerror}") from e
+        raise ResourceError(f"cannot make the work directory {path}: {e.strerror}") from e
     return path
 
 
@@ -53,4 +51,4 @@ def remove_tree(path: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise failed(f"cannot remove {path}: {e.strerror}") from e
+        raise ResourceError(f"cannot remove {path}: {e.strerror}") from e

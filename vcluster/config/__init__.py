@@ -1,0 +1,1 @@
+"""Configuration: batch.yaml, networks, resource sets and templates, validated once at load."""

@@ -37,12 +37,13 @@ def launcher(plan_path: Path, command: str | None, stop_timeout: float | None,
     plan_path.unlink(missing_ok=True)
     plan = from_json(ClusterPlan, text)
     job, name = job_environment()
-    config = load_config()
-    store = open_user_store(config.batch)
+    batch = load_config().batch
+    store = open_user_store(batch)
     try:
         options = LaunchOptions(command=command, stop_timeout=stop_timeout,
                                 ready_timeout=ready_timeout, verbose=verbose)
-        code = Launcher(config, plan, store, job=job, job_name=name, options=options).run()
+        code = Launcher(plan, store, prefix=batch.store.prefix, job=job, job_name=name,
+                        options=options).run()
     finally:
         store.close()
     raise SystemExit(code)

@@ -1,5 +1,9 @@
 """The job step that runs the VM runners: start it with srun, stop it gracefully.
 
+The launcher sees the step through ``Step`` (started by a ``StepStarter``),
+so its waits can be tested without SLURM (tests/fakes.py has a FakeStep);
+``RunnerStep`` is the real one.
+
 SIGTERM to srun makes it abort the step and kill the tasks at once; a clean
 stop is ``scancel --signal=TERM JOB.STEP``, which lets every runner power its
 guest down and exit, and srun then ends by itself.
@@ -14,12 +18,35 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO
+from typing import IO, Protocol
 
 from vcluster.errors import CommandError
-from vcluster.run import run, spawn
+from vcluster.run import run, spawn, stop
 
 STEP_NAME = "vcluster-vms"
+ABORT_WAIT = 30.0  # seconds srun gets to end once told to abort the step
+SQUEUE_WAIT = 10.0  # seconds srun gets to register its step with SLURM
+
+
+class Step(Protocol):
+    """The running step of VM runners, one task per VM."""
+
+    def exited(self) -> int | None:
+        """The step's exit status once it has ended, else None."""
+
+    def tail(self, lines: int = 20) -> list[str]:
+        """The last lines the runners (and srun) wrote."""
+
+    def ready(self) -> None:
+        """Every VM was ready: from now on the step's own errors are warnings."""
+
+    def stop(self, timeout: float) -> int:
+        """Tell every runner to stop, give them ``timeout`` seconds, then force; the status."""
+
+
+class StepStarter(Protocol):
+    def __call__(self, job: str, count: int, *, stop_timeout: float | None,
+                 echo: bool) -> Step: ...
 
 
 class RunnerStep:
@@ -30,14 +57,14 @@ class RunnerStep:
         self.job = job
         self.count = count
         self.echo = echo
-        self.after_ready = False  # set by the launcher once every VM was ready
+        self.after_ready = False
         self.output: collections.deque[str] = collections.deque(maxlen=200)
         argv = ["srun", f"--job-name={STEP_NAME}", f"--ntasks={count}", "--kill-on-bad-exit=0",
                 "--label", "--input=none", sys.executable, "-m", "vcluster", "internal", "vm"]
         if stop_timeout is not None:
             argv.append(f"--stop-timeout={stop_timeout:g}")
         self.proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert self.proc.stdout is not None
+        assert self.proc.stdout is not None  # asked for with stdout=PIPE
         self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
         self._reader.start()
 
@@ -55,6 +82,9 @@ class RunnerStep:
     def exited(self) -> int | None:
         return self.proc.poll()
 
+    def ready(self) -> None:
+        self.after_ready = True
+
     def step_id(self) -> str | None:
         """``JOB.STEP`` of our step, from squeue (None once it is gone)."""
         try:
@@ -69,9 +99,10 @@ class RunnerStep:
         return None
 
     def stop(self, timeout: float) -> int:
-        """Ask every runner to stop (SIGTERM through SLURM), then force after ``timeout``."""
+        """SIGTERM to every runner through SLURM, ``timeout`` seconds for them to end,
+        then srun aborts the step (SIGTERM to srun: SLURM kills the tasks)."""
         if self.exited() is None:
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + SQUEUE_WAIT
             step = self.step_id()
             while step is None and self.exited() is None and time.monotonic() < deadline:
                 time.sleep(0.2)  # srun has not registered the step yet
@@ -79,15 +110,9 @@ class RunnerStep:
             if step is not None:
                 with contextlib.suppress(CommandError):  # it may have ended meanwhile
                     run(["scancel", "--signal=TERM", step], timeout=10)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()  # srun aborts the step: SLURM kills the tasks
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        stop(self.proc, ABORT_WAIT)
         self._reader.join(5)
         return self.proc.returncode
 

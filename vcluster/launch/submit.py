@@ -5,13 +5,35 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
+from vcluster.cancel import STOP_SIGNALS, ignored
 from vcluster.errors import InputError
 from vcluster.run import spawn
+
+# Ctrl-C reaches salloc from the terminal itself; the others may come to alloc alone.
+FORWARDED = tuple(s for s in STOP_SIGNALS if s != signal.SIGINT)
+
+
+@contextlib.contextmanager
+def forwarded(proc: subprocess.Popen[bytes], signals: Sequence[int]) -> Iterator[None]:
+    """Pass ``signals`` on to ``proc`` inside the block, each as it comes."""
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    saved = {sig: signal.signal(sig, forward) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def split_definition(args: list[str]) -> tuple[list[str], str]:
@@ -61,22 +83,13 @@ def submit_alloc(args: list[str], *, cpus: int | None, command: str | None,
         argv += ["--command", command]
     if verbose:
         argv.append("--verbose")
-    # Ctrl-C reaches salloc and the launcher from the terminal; TERM and HUP sent to alloc
-    # alone are passed on to salloc, which revokes the allocation and so has the launcher
-    # stop the VMs (--kill-command).
+    # Ctrl-C reaches salloc and the launcher from the terminal; the other stop signals,
+    # sent to alloc alone, are passed on to salloc, which revokes the allocation and so
+    # has the launcher stop the VMs (--kill-command).
     proc = spawn(argv, stdin=None, stdout=None, stderr=None)
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum)
-
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-                signal.SIGHUP: signal.signal(signal.SIGHUP, forward)}
     try:
-        return proc.wait()
+        with ignored((signal.SIGINT,)), forwarded(proc, FORWARDED):
+            return proc.wait()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         with contextlib.suppress(OSError):
             plan_path.unlink()  # salloc failed before the launcher could take it

@@ -4,6 +4,8 @@ Each host of a job gets a bridge; a VXLAN device with the cluster's VNI joins
 the hosts' bridges, sent over the host interface named by hostname +
 ``interface-suffix`` (or over ``interface``).  The MTU defaults to 1450 so that
 full frames fit in a 1500-byte underlay with VXLAN's 50 bytes of headers.
+VM ``i`` gets the subnet's address ``i + 1``: the segment is the cluster's
+alone, no host takes an address on it.
 """
 
 from __future__ import annotations
@@ -11,21 +13,30 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from vcluster.networks import Network
+from vcluster.errors import InputError
+from vcluster.networks import Network, NetworkKind
 from vcluster.networks.addressing import port_range, subnet
 from vcluster.schema.fields import Section
 
+KIND = NetworkKind("private", default_mtu=1450, planned=True, built_by_agent=True)
 VNI_MAX = (1 << 24) - 1
 
 
 @dataclass(frozen=True)
 class PrivateNetwork(Network):
     subnet: ipaddress.IPv4Network
-    mtu: int
     vni_range: tuple[int, int]
     vxlan_port: int
     interface_suffix: str | None
     interface: str | None
+
+    def nic_address(self, index: int, total: int) -> str:
+        room = self.subnet.num_addresses - 2  # network and broadcast addresses
+        if total > room:
+            raise InputError(f"{self.origin}: network {self.name!r} ({self.subnet}) has room "
+                             f"for {room} VMs, not {total} (expected a larger subnet)")
+        address = ipaddress.IPv4Address(int(self.subnet.network_address) + 1 + index)
+        return f"{address}/{self.subnet.prefixlen}"
 
 
 def parse(name: str, section: Section) -> PrivateNetwork:
@@ -36,12 +47,14 @@ def parse(name: str, section: Section) -> PrivateNetwork:
                             "one of interface or interface-suffix")
     vnis = port_range(section, "vni-range", (4096, 65535), low=1, high=VNI_MAX)
     assert vnis is not None
+    addresses = subnet(section)
+    mtu = section.integer("mtu", KIND.default_mtu, minimum=576, maximum=9000)
     net = PrivateNetwork(
         name=name,
-        type="private",
+        type=KIND.name,
         origin=section.node.origin,
-        subnet=subnet(section),
-        mtu=section.integer("mtu", 1450, minimum=576, maximum=9000) or 1450,
+        subnet=addresses,
+        mtu=mtu or KIND.default_mtu,
         vni_range=vnis,
         vxlan_port=section.integer("vxlan-port", 4789, minimum=1, maximum=65535) or 4789,
         interface_suffix=suffix,

@@ -9,10 +9,8 @@ for the choice is returned so the runner can say which one ran and why.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,13 +18,14 @@ from pathlib import Path
 
 from vcluster.errors import CommandError
 from vcluster.qemu import VmSpec, build_argv
-from vcluster.run import spawn
+from vcluster.run import spawn, stop
 
 KVM_DEVICE = Path("/dev/kvm")
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 PROBE_TIMEOUT = 10.0
 PROBE_LINE = b"Linux version"
+PROBE_STOP_GRACE = 1.0  # QEMU ends at once on SIGTERM; a hung KVM may need SIGKILL
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,7 @@ def kvm_boot_problem(binary: str, kernel: Path, timeout: float = PROBE_TIMEOUT) 
                 time.sleep(0.05)
             return f"a KVM test boot printed nothing in {timeout:g} s (KVM hangs here)"
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+            stop(proc, PROBE_STOP_GRACE)
 
 
 def choose_accel(setting: str, *, binary: str, kernel: Path,

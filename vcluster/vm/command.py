@@ -5,12 +5,8 @@ from __future__ import annotations
 import logging
 import socket
 import sys
-from typing import TYPE_CHECKING
 
 import click
-
-if TYPE_CHECKING:
-    pass
 
 DETACH_HELP = "Ctrl-]"
 

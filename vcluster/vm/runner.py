@@ -1,52 +1,57 @@
 """One VM's life, as one SLURM task: prepare, boot, wait until ready, serve, stop.
 
-``pending → preparing`` (store credentials, the cluster spec, devices from
-the agent, overlay, disks, seed) ``→ booting`` (QEMU started as our child)
-``→ ready`` (the ready line on the console) and, on SIGTERM/SIGINT/SIGHUP,
-``→ stopping`` (ACPI power-down with a bounded wait, then QMP quit, then
-SIGKILL) ``→ stopped``.  Any failure publishes ``failed`` with a one-line
-reason and the console's last lines, and the runner exits non-zero.  Every
-way out removes the VM's files.
+Each phase returns what the next one needs: ``prepare`` a ``Prepared`` (the
+cluster spec, the VM's plan, its publisher, files and host devices), ``boot``
+a ``Booted`` (QEMU, its monitor, the accelerator), ``wait_ready`` a
+``Ready``; ``serve`` returns when a stop signal came.  An ExitStack owns
+every clean-up as soon as there is something to clean (the devices' file
+descriptors, QEMU, the QMP connection, the VM's files, the store), so every
+way out releases exactly what was made.
 
-QEMU is started with SIGTERM, SIGINT and SIGHUP blocked, so the signal SLURM
-sends to every process of a cancelled step reaches only the runner, which
-then powers the guest down; and with a parent-death signal, so a runner
-killed outright takes its QEMU with it.
+``pending → preparing → booting → ready`` and, on SIGTERM/SIGINT/SIGHUP
+(a ``Cancellation``), ``→ stopping → stopped``: a ready guest gets the ACPI
+power button and a bounded wait, then QEMU is told to quit, then killed
+(``vm.process``).  Any failure publishes ``failed`` with a one-line reason
+(a ``VmError``'s message) and the console's last lines, and the runner
+exits non-zero.
+
+The agent client, the store opener and the QEMU starter are passed in, so
+unit tests run a runner on fakes (tests/fakes.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import shutil
-import signal
 import subprocess
-import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from types import FrameType
-from typing import Any
+from functools import partial
+from typing import Protocol
 
-from vcluster.agent.client import AgentClient, AgentError, VmDevices, socket_path
-from vcluster.cluster import ClusterSpec, Readiness, VmPlan
+from vcluster.agent.client import AgentClient, VmDevices
+from vcluster.agent.protocol import FamSpec, NetworkSpec
+from vcluster.cancel import Cancellation, Cancelled
+from vcluster.cluster import ClusterSpec, VmPlan
 from vcluster.config.batch import BatchConfig
-from vcluster.errors import VclusterError
+from vcluster.errors import VclusterError, VmError
 from vcluster.hostpaths import VmFiles
 from vcluster.identity import user_name
 from vcluster.lifecycle import VmState
-from vcluster.qemu import SharedMemory, build_argv, show_argv
-from vcluster.run import run, spawn
+from vcluster.qemu import SharedMemory
 from vcluster.seed import write_seed
 from vcluster.session import open_user_store
 from vcluster.store.base import Store
 from vcluster.store.keys import Keys
 from vcluster.store.records import from_json
-from vcluster.vm import guest, machine
-from vcluster.vm.accel import choose_accel
+from vcluster.vm import guest
+from vcluster.vm.accel import Accel, choose_accel
 from vcluster.vm.console import tail_lines
 from vcluster.vm.control import Qmp, QmpError
+from vcluster.vm.disks import make_disks
+from vcluster.vm.machine import vm_spec
+from vcluster.vm.process import QemuStarter, exit_reason, shutdown, start_qemu
 from vcluster.vm.readiness import LogWatcher
 from vcluster.vm.state import Publisher
 from vcluster.vm.workdir import make_vm_dir, remove_vm_files
@@ -55,16 +60,7 @@ log = logging.getLogger(__name__)
 
 POLL = 0.2
 QMP_CONNECT_TIMEOUT = 20.0
-QUIT_TIMEOUT = 5.0
 CONSOLE_TAIL = 20
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# Generous under TCG (two 1-vCPU Debian VMs on two cores took 66 s to cloud-init's end).
-READY_TIMEOUTS = {
-    (Readiness.FINAL_MESSAGE, "tcg"): 300.0, (Readiness.FINAL_MESSAGE, "kvm"): 120.0,
-    (Readiness.TINY_INIT, "tcg"): 60.0, (Readiness.TINY_INIT, "kvm"): 30.0,
-}
-# The tiny image ignores the ACPI power button; Debian shuts down in seconds.
-STOP_TIMEOUTS = {Readiness.FINAL_MESSAGE: 20.0, Readiness.TINY_INIT: 1.0}
 
 
 @dataclass(frozen=True)
@@ -72,325 +68,267 @@ class RunnerOptions:
     job: str
     index: int
     host: str
-    ready_timeout: float | None = None  # default: READY_TIMEOUTS
-    stop_timeout: float | None = None  # default: STOP_TIMEOUTS
+    ready_timeout: float | None = None  # None: the image's (Readiness.ready_timeout)
+    stop_timeout: float | None = None  # None: the image's (Readiness.stop_timeout)
 
 
-class StopRequested(Exception):
-    """A stop signal arrived; unwind to the stopping path."""
+class DeviceSource(Protocol):
+    """Where a VM's host devices come from: the host agent (``AgentClient``)."""
+
+    def vm_resources(self, job: str, vm: int, networks: Sequence[NetworkSpec],
+                     fam: FamSpec | None) -> VmDevices: ...
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A VM ready to boot: its plan, its files on this host and its devices."""
+
+    spec: ClusterSpec
+    vm: VmPlan
+    publisher: Publisher
+    files: VmFiles
+    devices: VmDevices
+    release_devices: Callable[[], None]  # closes our copies of the devices' fds, once
+
+
+@dataclass(frozen=True)
+class Booted:
+    """A running QEMU with its monitor connected."""
+
+    prepared: Prepared
+    qemu: subprocess.Popen[bytes]
+    qmp: Qmp
+    accel: Accel
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A guest that printed its ready line."""
+
+    booted: Booted
+    took: float  # seconds from QEMU's monitor answering to the ready line
 
 
 def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def image_format(path: Path) -> str:
-    """The format of a base image (``qemu-img info``, shared lock: VMs may be using it)."""
-    out = run(["qemu-img", "info", "-U", "--output=json", str(path)], timeout=60).stdout
-    try:
-        return str(json.loads(out)["format"])
-    except (ValueError, KeyError) as e:
-        raise VclusterError(f"qemu-img info {path}: unexpected answer ({e})") from None
-
-
-def start_qemu(argv: list[str], stderr: Path, pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
-    """QEMU as our child, deaf to the step's stop signals, killed if we die.
-
-    Blocking the stop signals lets the runner power the guest down when SLURM
-    signals the whole step; ``setpriv --pdeathsig`` (util-linux) is what keeps a
-    QEMU from outliving a runner killed with SIGKILL, so it is not optional.
-    """
-    if shutil.which("setpriv") is None:
-        raise VclusterError("setpriv not found (install util-linux): without it QEMU could "
-                            "outlive its runner")
-    prefix = ["setpriv", "--pdeathsig", "KILL", "--"]
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        with open(stderr, "wb") as err:
-            return spawn(prefix + argv, stderr=err, pass_fds=pass_fds)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+def reason(error: Exception) -> str:
+    """The one line published for a failure."""
+    if isinstance(error, VclusterError):
+        return one_line(str(error))
+    log.debug("internal error", exc_info=error)
+    return one_line(f"internal error: {type(error).__name__}: {error}")
 
 
 class Runner:
     """Runs VM ``options.index`` of job ``options.job`` until stopped; ``run`` is the exit code."""
 
-    def __init__(self, options: RunnerOptions, batch: BatchConfig,
-                 agent: AgentClient | None = None) -> None:
+    def __init__(self, options: RunnerOptions, batch: BatchConfig, *,
+                 agent: DeviceSource | None = None,
+                 open_store: Callable[[], Store] | None = None,
+                 start_qemu: QemuStarter = start_qemu,
+                 cancellation: Cancellation | None = None) -> None:
         self.options = options
-        self.batch = batch
-        self.agent = agent or AgentClient(socket_path(batch.directories.run))
+        self.keys = Keys(batch.store.prefix)
+        self.agent: DeviceSource = agent or AgentClient(batch.directories.layout.agent_socket)
+        self.open_store = open_store or partial(open_user_store, batch)
+        self.start_qemu = start_qemu
+        self.cancellation = cancellation or Cancellation()
         self.name = f"vm{options.index}"
-        self._files: VmFiles | None = None  # known once the agent gave the work directory
-        self.stop_signal: str | None = None
-        self._stop = threading.Event()
-        self.store: Store | None = None
-        self.publisher: Publisher | None = None
-        self.spec: ClusterSpec | None = None
-        self.vm: VmPlan | None = None
-        self.devices: VmDevices | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.qmp: Qmp | None = None
-        self.accel = "tcg"
+        self.user = user_name()
 
     # ------------------------------------------------------------ the whole life
 
     def run(self) -> int:
-        saved = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
-        try:
+        with self.cancellation.installed(), contextlib.ExitStack() as stack:
             try:
-                self._prepare()
-                self._boot()
-                self._wait_ready()
-                self._serve()
-            except StopRequested:
-                pass
-            except (VclusterError, AgentError) as e:
-                return self._fail(one_line(str(e)))
+                publisher = self.open(stack)
             except Exception as e:
-                log.debug("%s: internal error", self.name, exc_info=True)
-                return self._fail(one_line(f"internal error: {type(e).__name__}: {e}"))
-            return self._stop_vm()
-        finally:
-            self._cleanup()
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
+                log.error("%s: failed: %s (nothing could be published)", self.name, reason(e))
+                return 1
+            try:
+                prepared = self.prepare(publisher, stack)
+            except Exception as e:
+                return self.end(publisher, e, console=None)
+            try:
+                with contextlib.ExitStack() as machine:
+                    return self.attend(self.boot(prepared, machine))
+            except Exception as e:
+                # QEMU has ended (the machine stack) and its console log is still there.
+                return self.end(publisher, e, console=prepared.files)
 
-    @property
-    def files(self) -> VmFiles:
-        assert self._files is not None, "the VM's files are known once the agent answered"
-        return self._files
+    def attend(self, booted: Booted) -> int:
+        """Wait for the guest, serve it, and stop it when told to."""
+        publisher = booted.prepared.publisher
+        try:
+            ready = self.wait_ready(booted)
+        except Cancelled:
+            return self.stop(publisher, lambda: shutdown(booted.qemu, booted.qmp, self.name))
+        self.serve(ready)
+        vm = booted.prepared.vm
+        timeout = self.options.stop_timeout
+        if timeout is None:
+            timeout = vm.boot.readiness.stop_timeout
+        return self.stop(publisher, lambda: shutdown(booted.qemu, booted.qmp, self.name,
+                                                     power_down=timeout))
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if not self._stop.is_set():
-            self.stop_signal = signal.Signals(signum).name
-            log.info("%s: %s received, stopping", self.name, self.stop_signal)
-        self._stop.set()
-
-    def _check_stop(self) -> None:
-        if self._stop.is_set():
-            raise StopRequested
-
-    def _publish(self, state: VmState, **kw: Any) -> None:
-        assert self.publisher is not None
-        self.publisher.move(state, **kw)
+    def end(self, publisher: Publisher, error: Exception, console: VmFiles | None) -> int:
+        """A phase raised: a stop signal before QEMU ran, or a failure."""
+        if isinstance(error, Cancelled):
+            return self.stop(publisher, lambda: "stopped before the guest ran")
+        return self.fail(publisher, reason(error), console)
 
     # ------------------------------------------------------------ preparing
 
-    def _read_spec(self, keys: Keys, user: str) -> tuple[ClusterSpec, VmPlan]:
-        assert self.store is not None
-        key = keys.cluster_spec(user, self.options.job)
-        entry = self.store.get(key)
+    def open(self, stack: contextlib.ExitStack) -> Publisher:
+        store = self.open_store()
+        stack.callback(self._close_store, store)
+        opts = self.options
+        publisher = Publisher(store, self.keys.vm(self.user, opts.job, opts.index), self.name)
+        publisher.load()
+        return publisher
+
+    @staticmethod
+    def _close_store(store: Store) -> None:
+        with contextlib.suppress(Exception):  # the VM is gone either way
+            store.close()
+
+    def read_spec(self, store: Store) -> tuple[ClusterSpec, VmPlan]:
+        key = self.keys.cluster_spec(self.user, self.options.job)
+        entry = store.get(key)
         if entry is None:
-            raise VclusterError(f"no cluster spec at {key} (the launcher writes it before it "
-                                "starts the VMs)")
+            raise VmError(f"no cluster spec at {key} (the launcher writes it before it "
+                          "starts the VMs)")
         spec = from_json(ClusterSpec, entry.value)
         vms = [vm for vm in spec.plan.vms if vm.index == self.options.index]
         if spec.job != self.options.job or not vms:
-            raise VclusterError(f"the cluster spec at {key} has no VM {self.options.index} "
-                                f"of job {self.options.job}")
+            raise VmError(f"the cluster spec at {key} has no VM {self.options.index} "
+                          f"of job {self.options.job}")
         return spec, vms[0]
 
-    def _prepare(self) -> None:
+    def prepare(self, publisher: Publisher, stack: contextlib.ExitStack) -> Prepared:
         opts = self.options
-        self.store = open_user_store(self.batch)
-        user = user_name()
-        keys = Keys(self.batch.store.prefix)
-        self.publisher = Publisher(self.store, keys.vm(user, opts.job, opts.index), self.name)
-        self.publisher.load()
-        self._check_stop()
-        self.spec, self.vm = self._read_spec(keys, user)
-        vm = self.vm
+        self.cancellation.check(self.name)
+        spec, vm = self.read_spec(publisher.store)
         addresses = tuple(nic.address.split("/")[0] for nic in vm.nics)
-        self._publish(VmState.PREPARING, host=opts.host, addresses=addresses)
-        networks = [{"name": n.network, "type": n.type, "mtu": n.mtu} for n in vm.nics]
-        fam = {"name": vm.fam.name, "size": vm.fam.size} if vm.fam else None
-        self.devices = self.agent.vm_resources(opts.job, opts.index, networks, fam)
-        if len(self.devices.taps) != len(vm.nics) or (self.devices.fam is None) != \
-                (vm.fam is None) or self.devices.workdir is None:
-            raise VclusterError("the agent's devices do not match the VM's plan "
-                                f"({len(self.devices.taps)} taps for {len(vm.nics)} NICs)")
-        log.info("%s: taps %s%s", self.name,
-                 ", ".join(t.ifname for t in self.devices.taps) or "none",
-                 f", FAM region {self.devices.fam.path}" if self.devices.fam else "")
-        self._files = VmFiles.of(Path(self.devices.workdir), opts.index)
-        make_vm_dir(self.files)
-        self._check_stop()
-        self._make_disks(vm)
-        files = guest.seed_files(self.spec, vm)
-        write_seed(self.files.seed, meta_data=files.meta_data, user_data=files.user_data,
-                   network_config=files.network_config)
+        publisher.move(VmState.PREPARING, host=opts.host, addresses=addresses)
+        networks = [NetworkSpec(n.network, n.type, n.mtu) for n in vm.nics]
+        fam = FamSpec(vm.fam.name, vm.fam.size) if vm.fam else None
+        devices = self.agent.vm_resources(opts.job, opts.index, networks, fam)
+        fds = stack.enter_context(contextlib.ExitStack())
+        fds.callback(devices.close)
+        if len(devices.taps) != len(vm.nics) or (devices.fam is None) != (vm.fam is None):
+            raise VmError("the agent's devices do not match the VM's plan "
+                          f"({len(devices.taps)} taps for {len(vm.nics)} NICs)")
+        log.info("%s: taps %s%s", self.name, ", ".join(t.ifname for t in devices.taps) or "none",
+                 f", FAM region {devices.fam.path}" if devices.fam else "")
+        files = VmFiles.of(devices.workdir, opts.index)
+        make_vm_dir(files)
+        stack.callback(remove_vm_files, files)
+        self.cancellation.check(self.name)
+        make_disks(vm, files)
+        seed = guest.seed_files(spec, vm)
+        write_seed(files.seed, meta_data=seed.meta_data, user_data=seed.user_data,
+                   network_config=seed.network_config)
         if guest.tiny_ignores_user_data(vm):
             log.warning("%s: the tiny image runs only #! user-data scripts; the template's "
                         "cloud-config is ignored", self.name)
-        self._check_stop()
-
-    def _make_disks(self, vm: VmPlan) -> None:
-        if vm.boot.kind == "disk":
-            if vm.boot.disk is None:
-                raise VclusterError(f"image {vm.boot.image} has no disk to boot from")
-            try:
-                base_format = image_format(vm.boot.disk)
-                run(machine.overlay_argv(vm.boot.disk, base_format, self.files.overlay),
-                    timeout=60)
-            except VclusterError as e:
-                raise VclusterError(f"cannot make the overlay over {vm.boot.disk}: {e}") from e
-        for disk in vm.disks:
-            if disk.shared:
-                raise VclusterError(f"disk {disk.name!r} is shared, which this version of "
-                                    "vcluster does not support yet")
-            run(machine.disk_argv(self.files.disk(disk.name), disk.size), timeout=60)
+        self.cancellation.check(self.name)
+        return Prepared(spec, vm, publisher, files, devices, fds.close)
 
     # ------------------------------------------------------------ booting
 
-    def _boot(self) -> None:
-        assert self.spec is not None and self.vm is not None
-        vm = self.vm
-        accel = choose_accel(self.spec.plan.accel, binary=self.spec.plan.qemu_binary,
+    def boot(self, prepared: Prepared, machine: contextlib.ExitStack) -> Booted:
+        """Start QEMU (``machine`` ends it) and connect to its monitor."""
+        spec, vm, files, devices = prepared.spec, prepared.vm, prepared.files, prepared.devices
+        accel = choose_accel(spec.plan.accel, binary=spec.plan.qemu_binary,
                              kernel=vm.boot.kernel)
         log.info("%s: accelerator %s (%s)", self.name, accel.name, accel.reason)
-        self.accel = accel.name
-        fam = None
-        taps: list[int] = []
-        if self.devices is not None:
-            taps = [t.fd for t in self.devices.taps]
-            if self.devices.fam is not None:
-                fam = SharedMemory(Path(self.devices.fam.path), self.devices.fam.size)
-        spec = machine.vm_spec(self.spec, vm, self.files, accel=accel.name, tap_fds=taps,
-                               fam=fam)
-        argv = build_argv(spec)
-        log.info("%s: %s", self.name, show_argv(argv))
-        self.proc = start_qemu(argv, self.files.qemu_stderr, spec.pass_fds())
-        if self.devices is not None:
-            self.devices.close()  # QEMU has its own copies now
-            self.devices = None
-        self._publish(VmState.BOOTING)
-        self.qmp = Qmp(self.files.qmp_socket, self.name)
+        self.cancellation.check(self.name)  # the last point before there is a QEMU to end
+        fam = SharedMemory(devices.fam.path, devices.fam.size) if devices.fam else None
+        qemu_spec = vm_spec(spec, vm, files, accel=accel.name,
+                            tap_fds=[t.fd for t in devices.taps], fam=fam)
+        qmp = Qmp(files.qmp_socket, self.name)
+        machine.callback(qmp.close)
+        proc = self.start_qemu(qemu_spec, files)
+        machine.callback(self._end_qemu, proc, qmp)
+        prepared.release_devices()  # QEMU has its own copies now
+        prepared.publisher.move(VmState.BOOTING)
         try:
-            self.qmp.connect(time.monotonic() + QMP_CONNECT_TIMEOUT, self._qemu_alive)
+            qmp.connect(time.monotonic() + QMP_CONNECT_TIMEOUT, lambda: proc.poll() is None)
         except QmpError:
-            if not self._qemu_alive():
-                raise VclusterError(self._exit_reason()) from None
+            if proc.poll() is not None:
+                raise VmError(exit_reason(proc, files.qemu_stderr)) from None
             raise
-        log.info("%s: QEMU pid %d, %s", self.name, self.proc.pid, self.qmp.status())
+        log.info("%s: QEMU pid %d, %s", self.name, proc.pid, qmp.status())
+        return Booted(prepared, proc, qmp, accel)
 
-    def _qemu_alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def _exit_reason(self, when: str = "") -> str:
-        assert self.proc is not None
-        code = self.proc.returncode
-        try:
-            lines = self.files.qemu_stderr.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            lines = []
-        detail = f": {lines[-1].strip()}" if lines else ""
-        if code is not None and code < 0:
-            what = f"QEMU was killed by {signal.Signals(-code).name}"
-        else:
-            what = f"QEMU exited with status {code}"
-        return f"{what}{when}{detail}"
+    def _end_qemu(self, proc: subprocess.Popen[bytes], qmp: Qmp) -> None:
+        if proc.poll() is None:
+            log.info("%s: %s", self.name, shutdown(proc, qmp, self.name))
 
     # ------------------------------------------------------------ ready
 
-    def _wait_ready(self) -> None:
-        assert self.vm is not None
+    def wait_ready(self, booted: Booted) -> Ready:
+        prepared = booted.prepared
+        vm, files = prepared.vm, prepared.files
         timeout = self.options.ready_timeout or \
-            READY_TIMEOUTS[(self.vm.boot.readiness, self.accel)]
-        marker = guest.ready_marker(self.vm)
-        watcher = LogWatcher(self.files.console_log, marker)
+            vm.boot.readiness.ready_timeout(booted.accel.name)
+        marker = guest.ready_marker(vm)
+        watcher = LogWatcher(files.console_log, marker)
         started = time.monotonic()
         while not watcher.poll():
-            if not self._qemu_alive():
-                raise VclusterError(self._exit_reason(" before the guest was ready"))
+            if booted.qemu.poll() is not None:
+                raise VmError(exit_reason(booted.qemu, files.qemu_stderr,
+                                          " before the guest was ready"))
             if time.monotonic() - started > timeout:
-                raise VclusterError(f"the guest was not ready after {timeout:g} s "
-                                    f"(no {marker!r} on its console)")
-            if self._stop.wait(POLL):
-                raise StopRequested
-        self._publish(VmState.READY)
-        log.info("%s: ready after %.1f s", self.name, time.monotonic() - started)
+                raise VmError(f"the guest was not ready after {timeout:g} s "
+                              f"(no {marker!r} on its console)")
+            if self.cancellation.wait(POLL):
+                self.cancellation.check(self.name)
+        prepared.publisher.move(VmState.READY)
+        took = time.monotonic() - started
+        log.info("%s: ready after %.1f s", self.name, took)
+        return Ready(booted, took)
 
-    def _serve(self) -> None:
-        while not self._stop.wait(POLL):
-            if not self._qemu_alive():
-                raise VclusterError(self._exit_reason(" while the VM was ready (did the "
-                                                      "guest power off?)"))
+    def serve(self, ready: Ready) -> None:
+        """Keep the VM until a stop signal; QEMU ending meanwhile is a failure."""
+        booted = ready.booted
+        while not self.cancellation.wait(POLL):
+            if booted.qemu.poll() is not None:
+                raise VmError(exit_reason(booted.qemu, booted.prepared.files.qemu_stderr,
+                                          " while the VM was ready (did the guest power off?)"))
 
-    # ------------------------------------------------------------ stopping
+    # ------------------------------------------------------------ the end
 
-    def _shutdown_qemu(self, graceful: bool) -> str:
-        """End QEMU: power-down (bounded), then quit, then SIGKILL; how it ended."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return "QEMU was not running"
-        if graceful and self.qmp is not None and self.qmp.connected:
-            assert self.vm is not None
-            timeout = self.options.stop_timeout
-            if timeout is None:
-                timeout = STOP_TIMEOUTS[self.vm.boot.readiness]
-            try:
-                self.qmp.powerdown()
-                proc.wait(timeout=timeout)
-                return "the guest powered off"
-            except QmpError as e:
-                log.warning("%s: power-down failed: %s", self.name, e)
-            except subprocess.TimeoutExpired:
-                log.info("%s: the guest did not power off within %g s", self.name, timeout)
-        if self.qmp is not None and self.qmp.connected:
-            self.qmp.quit()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=QUIT_TIMEOUT)
-                return "QEMU quit"
-        proc.kill()
-        proc.wait()
-        return "QEMU killed"
-
-    def _stop_vm(self) -> int:
-        publisher = self.publisher
-        was_ready = publisher is not None and publisher.state is VmState.READY
+    def stop(self, publisher: Publisher, end: Callable[[], str]) -> int:
+        """Publish ``stopping``, end the VM with ``end`` (which says how), publish ``stopped``."""
+        log.info("%s: %s, stopping", self.name, self.cancellation.reason or "told to stop")
         try:
-            if publisher is not None and not publisher.state.final:
-                self._publish(VmState.STOPPING)
+            if not publisher.state.final:
+                publisher.move(VmState.STOPPING)
         except VclusterError as e:
             log.error("%s: cannot publish stopping: %s", self.name, e)
-        how = self._shutdown_qemu(graceful=was_ready)
-        log.info("%s: %s", self.name, how)
+        log.info("%s: %s", self.name, end())
+        if publisher.state is not VmState.STOPPING:
+            return 0
         try:
-            if publisher is not None and publisher.state is VmState.STOPPING:
-                self._publish(VmState.STOPPED)
+            publisher.move(VmState.STOPPED)
         except VclusterError as e:
             log.error("%s: cannot publish stopped: %s", self.name, e)
             return 1
         return 0
 
-    def _fail(self, reason: str) -> int:
-        log.error("%s: failed: %s", self.name, reason)
-        if self.proc is not None:
-            self._shutdown_qemu(graceful=False)
-        tail = tail_lines(self.files.console_log, CONSOLE_TAIL) if self._files else []
+    def fail(self, publisher: Publisher, why: str, console: VmFiles | None) -> int:
+        """Publish ``failed`` with ``why`` and the console's last lines; the exit code."""
+        log.error("%s: failed: %s", self.name, why)
+        tail = tail_lines(console.console_log, CONSOLE_TAIL) if console else ()
         for line in tail:
             log.info("%s: console: %s", self.name, line)
-        if self.publisher is not None and not self.publisher.state.final:
+        if not publisher.state.final:
             try:
-                self._publish(VmState.FAILED, error=reason, console_tail=tail)
+                publisher.move(VmState.FAILED, error=why, console_tail=tail)
             except VclusterError as e:
                 log.error("%s: cannot publish the failure: %s", self.name, e)
         return 1
-
-    def _cleanup(self) -> None:
-        if self.devices is not None:
-            self.devices.close()
-            self.devices = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
-        if self._files is not None:
-            remove_vm_files(self._files)
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                self.store.close()
-            self.store = None

@@ -1,0 +1,127 @@
+"""Test doubles for the agent's seams: a host's devices, SLURM and a store that goes away.
+
+Each keeps what it was asked in memory and answers as the real one would, so
+``Jobs``, the reconcile pass and the service run in tests without root,
+SLURM or etcd.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from vcluster.agent.peer import JobInfo
+from vcluster.agent.protocol import failed
+from vcluster.config.batch import StoreConfig
+from vcluster.errors import ResourceError, StoreUnavailable
+from vcluster.store.base import Store
+
+
+@dataclass
+class Link:
+    kind: str  # "bridge" or "tap"
+    mtu: int
+    master: str | None = None
+
+
+@dataclass
+class FakeDevices:
+    """A host's bridges and taps, in memory (``netdev.Devices``); taps open /dev/null."""
+
+    links: dict[str, Link] = field(default_factory=dict)
+    opened: list[int] = field(default_factory=list)  # fds handed out (the caller closes them)
+
+    def ensure_bridge(self, name: str, mtu: int) -> None:
+        link = self.links.setdefault(name, Link("bridge", mtu))
+        if link.kind != "bridge":
+            raise ResourceError(f"{name} exists and is not a bridge; remove it")
+        link.mtu = mtu
+
+    def ensure_tap(self, name: str, bridge: str, mtu: int) -> None:
+        if self.links.get(bridge, Link("none", 0)).kind != "bridge":
+            raise ResourceError(f"bridge {bridge} is missing")
+        link = self.links.setdefault(name, Link("tap", mtu, bridge))
+        if link.kind != "tap":
+            raise ResourceError(f"{name} exists and is not a tap; remove it")
+        link.mtu, link.master = mtu, bridge
+
+    def open_tap(self, name: str) -> int:
+        if self.links.get(name, Link("none", 0)).kind != "tap":
+            raise ResourceError(f"cannot open tap {name}: no such device")
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.opened.append(fd)
+        return fd
+
+    def remove_link(self, name: str) -> bool:
+        link = self.links.pop(name, None)
+        if link is None:
+            return False
+        for other in self.links.values():
+            if other.master == name:
+                other.master = None  # as the kernel does when a bridge goes
+        return True
+
+    def links_with_prefix(self, *prefixes: str) -> list[str]:
+        return sorted(n for n in self.links if n.startswith(prefixes))
+
+
+@dataclass
+class FakeSlurm:
+    """SLURM's answers, canned (``peer.SlurmQueries``).
+
+    ``holding`` None: SLURM cannot say which jobs hold the node; ``broken``:
+    every question fails as an unreachable slurmctld does.
+    """
+
+    node: str = "unit"
+    jobs: dict[str, JobInfo] = field(default_factory=dict)
+    pids: dict[int, str] = field(default_factory=dict)  # pid: job
+    holding: set[str] | None = field(default_factory=set)
+    broken: bool = False
+    asked: int = 0  # how often jobs_holding_node was called
+
+    def _check(self) -> None:
+        if self.broken:
+            raise failed("cannot ask SLURM (scontrol: slurmctld does not answer)")
+
+    def job_of_pid(self, pid: int) -> str | None:
+        self._check()
+        return self.pids.get(pid)
+
+    def job(self, job: str) -> JobInfo | None:
+        self._check()
+        return self.jobs.get(job)
+
+    def jobs_holding_node(self) -> set[str] | None:
+        self.asked += 1
+        self._check()
+        return None if self.holding is None else set(self.holding)
+
+    def run(self, info: JobInfo, pids: Iterable[int] = ()) -> None:
+        """``info`` runs on this node (and ``pids`` are its processes)."""
+        self.jobs[info.job] = info
+        if self.holding is not None:
+            self.holding.add(info.job)
+        self.pids.update({pid: info.job for pid in pids})
+
+    def end(self, job: str) -> None:
+        """The job is over: SLURM forgets it."""
+        self.jobs.pop(job, None)
+        if self.holding is not None:
+            self.holding.discard(job)
+
+
+@dataclass
+class Opener:
+    """Opens ``store`` for a StoreLink, unless ``down`` (then: unreachable)."""
+
+    store: Store
+    down: bool = False
+    opened: int = 0
+
+    def __call__(self, config: StoreConfig) -> Store:
+        if self.down:
+            raise StoreUnavailable(f"{', '.join(config.endpoints)}: connection refused")
+        self.opened += 1
+        return self.store

@@ -1,0 +1,47 @@
+"""A VM's own disks: the qcow2 overlay over its image, and its empty extra disks.
+
+The overlay names its backing file by absolute path (the VM's directory is
+elsewhere than the image repository); the base image is inspected with a
+shared lock, as other VMs of the cluster may be running on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vcluster.cluster import VmPlan
+from vcluster.errors import VclusterError, VmError
+from vcluster.hostpaths import VmFiles
+from vcluster.run import run
+from vcluster.vm import machine
+
+QEMU_IMG_TIMEOUT = 60.0
+
+
+def image_format(path: Path) -> str:
+    """The format of a base image (``qemu-img info``, shared lock: VMs may be using it)."""
+    out = run(["qemu-img", "info", "-U", "--output=json", str(path)],
+              timeout=QEMU_IMG_TIMEOUT).stdout
+    try:
+        return str(json.loads(out)["format"])
+    except (ValueError, KeyError) as e:
+        raise VmError(f"qemu-img info {path}: unexpected answer ({e})") from None
+
+
+def make_disks(vm: VmPlan, files: VmFiles) -> None:
+    """The overlay (for a disk image) and the extra disks, in the VM's directory."""
+    if vm.boot.kind == "disk":
+        if vm.boot.disk is None:
+            raise VmError(f"image {vm.boot.image} has no disk to boot from")
+        try:
+            base_format = image_format(vm.boot.disk)
+            run(machine.overlay_argv(vm.boot.disk, base_format, files.overlay),
+                timeout=QEMU_IMG_TIMEOUT)
+        except VclusterError as e:
+            raise VmError(f"cannot make the overlay over {vm.boot.disk}: {e}") from e
+    for disk in vm.disks:
+        if disk.shared:
+            raise VmError(f"disk {disk.name!r} is shared, which this version of vcluster "
+                          "does not support yet")
+        run(machine.disk_argv(files.disk(disk.name), disk.size), timeout=QEMU_IMG_TIMEOUT)
