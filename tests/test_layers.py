@@ -67,6 +67,12 @@ def imported_modules(tree: ast.AST, root: Path) -> list[tuple[int, str]]:
     return [(line, m) for line, m in found if m == PACKAGE or m.startswith(PACKAGE + ".")]
 
 
+def exists(root: Path, module: str) -> bool:
+    """``module`` is a file or package of the tree (an installed copy does not count)."""
+    path = Path(root, *module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def check_tree(root: Path, levels: dict[str, int]) -> list[Violation]:
     """Every import in ``root``/vcluster that the layers table forbids."""
     violations: list[Violation] = []
@@ -78,6 +84,9 @@ def check_tree(root: Path, levels: dict[str, int]) -> list[Violation]:
             violations.append(Violation(where, 1, name, f"part {own!r} is not in the table"))
             continue
         for line, target in imported_modules(ast.parse(path.read_text()), root):
+            if not exists(root, target):
+                violations.append(Violation(where, line, target, "no such module"))
+                continue
             other = part_of(target)
             if other == own:
                 continue
@@ -127,7 +136,8 @@ def bad_tree(tmp_path: Path) -> Path:
         "vcluster/vm/__init__.py": "from vcluster.agent.client import X\n"
                                    "from vcluster.agent import jobs\n",
         "vcluster/cli/__init__.py": "",
-        "vcluster/cli/main.py": "from vcluster.vm import runner\n",
+        "vcluster/cli/main.py": "from vcluster.vm import runner\n"
+                                "from vcluster.store.session import open_user_store\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +150,7 @@ def test_forbidden_imports_are_found(bad_tree: Path) -> None:
               "cli": 8}
     found = sorted(str(v) for v in check_tree(bad_tree, levels))
     assert found == [
+        "vcluster/cli/main.py:2: imports vcluster.store.session: no such module",
         "vcluster/launch/__init__.py:1: imports vcluster.cli.main: cli (level 8) is not "
         "below launch (level 7)",
         "vcluster/store/base.py:2: imports vcluster.agent.jobs: agent (level 5) is not "
