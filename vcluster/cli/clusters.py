@@ -89,8 +89,8 @@ def select_cluster(clusters: list[Cluster], jobid: str | None, jobname: str | No
 def with_store(ctx: click.Context) -> tuple[Store, Keys, str]:
     """The user's store session, closed when the command ends."""
     from vcluster.cli.common import load_config
-    from vcluster.store.keys import Keys
     from vcluster.session import open_user_store
+    from vcluster.store.keys import Keys
 
     config = load_config()
     store = ctx.with_resource(_closing(open_user_store(config.batch)))
