@@ -102,7 +102,7 @@ def test_up_srun_status_down_leaves_nothing(sandbox_dir: Path) -> None:
         for pid in pids:
             assert re.search(rf"pid {pid}\s+alive", status.stdout), status.stdout
         for i, host in enumerate(["h1", "h2", "h3"]):
-            assert re.search(rf"{host}\s+10\.200\.0\.{11 + i}\s+netns {sid}-{host}\s+"
+            assert re.search(rf"{host}\s+10\.199\.0\.{11 + i}\s+netns {sid}-{host}\s+"
                              r"\(slurm: idle\)", status.stdout), status.stdout
 
         # A second up over a running sandbox is refused.
