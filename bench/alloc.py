@@ -1,21 +1,24 @@
-"""Time from ``vcluster alloc`` to all-ready for tiny:1, next to a bare QEMU boot of tiny.
+"""Time from ``vcluster alloc`` to all-ready, next to bare QEMU boots of tiny: tiny:1 on one
+host, and tiny:3 spread over three hosts (one VM each, joined by the private network).
 
-Needs root: it brings up a 1-host sandbox of its own in a new directory under
-/var/tmp and always tears it down.  Each run measures, side by side:
+Needs root: it brings up a sandbox of its own (1 host, then 3) in a new directory
+under /var/tmp and always tears it down.  Each run measures, side by side:
 
   (a) a bare ``qemu-system-x86_64`` boot of the tiny image to its ready line, with
       the accelerator, machine, CPU model, memory and vCPUs of vcluster's plan for
       tiny:1 (the same seed kind too, no NIC, no QMP);
   (b) ``vcluster alloc -c 1 -E true tiny:1`` on the sandbox's controller, from its
       start to its "N VM ready" line on stderr; (b) - (a) is vcluster's overhead
-      (salloc, prolog, agent, overlay, seed, srun, store, readiness);
+      (salloc, prolog, agent, overlay, seed, srun, store, readiness); for tiny:3,
+      (a) is three bare boots at once, to the last one's ready line, and (b) is
+      ``vcluster alloc -N3 -c 1 -E true tiny:3`` (VXLAN tunnels included);
   (c) from the exit of the -E command (alloc's "stopping the VMs" line) to the
-      moment nothing of the job is left on h1: no QEMU of the job, no bridge or tap
+      moment nothing of the job is left on any of its hosts: no QEMU of the job, no bridge or tap
       of the job, no run/jobs/JOB, state/jobs/JOB (undo log) or state/work/JOB,
       and the epilog's line logged (the agent's release, store keys included, is
       done when the epilog logs it).  Polled every 50 ms.
 
-    python3 bench/alloc.py [--runs 5] [--images DIR] [--timeout 60]
+    python3 bench/alloc.py [--runs 5] [--spread-runs 3] [--images DIR] [--timeout 60]
 """
 
 from __future__ import annotations
@@ -46,14 +49,36 @@ if TYPE_CHECKING:  # vcluster is imported once main() has checked that it can ru
 if __package__ in (None, ""):  # run as ``python3 bench/alloc.py``: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFINITION = "tiny:1"
-ALLOC = ["vcluster", "alloc", "-c", "1", "-E", "true", DEFINITION]
-HOST = "h1"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One cluster shape to time: its sandbox's hosts and alloc's arguments."""
+
+    hosts: int
+    definition: str
+    options: tuple[str, ...]
+
+    @property
+    def vms(self) -> int:
+        return int(self.definition.rpartition(":")[2] or 1)
+
+    @property
+    def alloc(self) -> list[str]:
+        return ["vcluster", "alloc", *self.options, "-c", "1", "-E", "true", self.definition]
+
+    @property
+    def host_names(self) -> list[str]:
+        return [f"h{i}" for i in range(1, self.hosts + 1)]
+
+
+ONE_HOST = Scenario(hosts=1, definition="tiny:1", options=())
+SPREAD = Scenario(hosts=3, definition="tiny:3", options=("-N3",))
 POLL = 0.05
 STOP_WAIT = 30.0  # seconds alloc gets to stop its VMs when the bench gives up on it
 
 _JOB = re.compile(r"^vcluster: job (\d+): starting")
-_BOOTING = re.compile(r"^vcluster: vm0: booting")
+_BOOTING = re.compile(r"^vcluster: vm\d+: booting")
 _READY = re.compile(r"^vcluster: job \d+: \d+ VMs? ready in ([0-9.]+) s")
 _STOPPING = re.compile(r"^vcluster: job \d+: stopping the VMs")
 _GRANTED = re.compile(r"^salloc: Granted job allocation")
@@ -78,15 +103,15 @@ def vcluster(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
 
 
 @contextmanager
-def sandbox(images: Path) -> Iterator[SandboxState]:
-    """A 1-host sandbox in a new directory, torn down (and the directory removed) at the end."""
+def sandbox(images: Path, hosts: int) -> Iterator[SandboxState]:
+    """A sandbox of ``hosts`` hosts in a new directory, torn down (and removed) at the end."""
     from vcluster.sandbox.state import require
 
     parent = Path(tempfile.mkdtemp(prefix="vcluster-bench-", dir="/var/tmp"))
     directory = parent / "sb"
     try:
         parent.chmod(0o755)  # munged and the job's users need to reach into it
-        up = vcluster("sandbox", "up", "--hosts", "1", "--images", str(images),
+        up = vcluster("sandbox", "up", "--hosts", str(hosts), "--images", str(images),
                       "--dir", str(directory))
         if up.returncode != 0:
             raise BenchError(f"vcluster sandbox up failed:\n{up.stdout}{up.stderr}")
@@ -102,7 +127,7 @@ def sandbox(images: Path) -> Iterator[SandboxState]:
 # -- (a) the bare boot ------------------------------------------------------------------
 
 
-def bare_spec(box: SandboxState) -> VmSpec:
+def bare_spec(box: SandboxState, definition: str) -> VmSpec:
     """tiny booted the way vcluster's plan for tiny:1 boots it, minus vcluster (no seed yet)."""
     from vcluster.cluster import plan_cluster
     from vcluster.config.loader import load_config
@@ -110,7 +135,7 @@ def bare_spec(box: SandboxState) -> VmSpec:
     from vcluster.vm.accel import choose_accel
 
     # The controller's configuration, as alloc (run there as root) reads it.
-    plan = plan_cluster(load_config(Path(box.host(None).conf)), DEFINITION, cpus_per_task=1)
+    plan = plan_cluster(load_config(Path(box.host(None).conf)), definition, cpus_per_task=1)
     vm = plan.vms[0]
     accel = choose_accel(plan.accel, binary=plan.qemu_binary, kernel=vm.boot.kernel).name
     return VmSpec(name="bare", accel=accel, binary=plan.qemu_binary, machine=vm.machine,
@@ -118,12 +143,29 @@ def bare_spec(box: SandboxState) -> VmSpec:
                   kernel=vm.boot.kernel, initrd=vm.boot.initrd, append=vm.boot.append)
 
 
-def bare_boot(spec: VmSpec, workdir: Path, index: int, timeout: float) -> float:
-    """(a): seconds from QEMU's start to tiny's ready line."""
+def bare_boot(spec: VmSpec, workdir: Path, index: int, timeout: float, count: int = 1) -> float:
+    """(a): seconds from starting ``count`` QEMUs at once to the last one's ready line."""
     from bench.boot_tiny import bench_seed, boot_to_ready
 
-    return boot_to_ready(replace(spec, name=f"bare{index}", seed=bench_seed(workdir, index),
-                                 serial_log=workdir / f"console{index}.log"), timeout)
+    times: list[float] = []
+    errors: list[BaseException] = []
+
+    def one(n: int) -> None:
+        name = f"bare{index}-{n}"
+        try:
+            times.append(boot_to_ready(replace(spec, name=name, seed=bench_seed(workdir, n),
+                                               serial_log=workdir / f"{name}.log"), timeout))
+        except BaseException as e:  # re-raised below, in the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return max(times)
 
 
 # -- (c) what a job leaves on a host ------------------------------------------------------
@@ -190,6 +232,31 @@ class JobTraces:
         return out
 
 
+class ClusterTraces:
+    """What is left of one job on each of its hosts."""
+
+    def __init__(self, box: SandboxState, hosts: Sequence[str], job: str) -> None:
+        self.each = [JobTraces(box, host, job) for host in hosts]
+
+    def close(self) -> None:
+        for traces in self.each:
+            traces.close()
+
+    def epilog(self) -> str | None:
+        """"ok" once every host's epilog released the job; None while one has not run."""
+        said = [t.epilog() for t in self.each]
+        if any(s is None for s in said):
+            return None
+        bad = [f"{t.host}: {s}" for t, s in zip(self.each, said, strict=True) if s != "ok"]
+        return "; ".join(bad) or "ok"
+
+    def left(self, *, epilog: bool = True) -> list[str]:
+        out = [f"{t.host}: {thing}" for t in self.each for thing in t.left(epilog=False)]
+        if epilog and self.epilog() is None:
+            out.append("epilog not logged yet on every host")
+        return out
+
+
 # -- (b) and (c): one vcluster alloc ---------------------------------------------------
 
 
@@ -250,18 +317,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def alloc_once(box: SandboxState, timeout: float) -> AllocRun:
-    """Run ``vcluster alloc`` and follow it until nothing of its job is left on HOST."""
+def alloc_once(box: SandboxState, scenario: Scenario, timeout: float) -> AllocRun:
+    """Run ``vcluster alloc`` and follow it until nothing of its job is left on its hosts."""
     from vcluster.run import spawn
     from vcluster.sandbox.use import command
 
-    cmd = command(box, ALLOC)
+    cmd = command(box, scenario.alloc)
     lines: queue.Queue[tuple[float, str] | None] = queue.Queue()
     result = AllocRun(start=time.monotonic())
     proc = spawn(cmd.argv, env=cmd.env, cwd=cmd.cwd, stderr=subprocess.PIPE, new_session=True)
     assert proc.stderr is not None
     threading.Thread(target=_read_lines, args=(proc.stderr, lines), daemon=True).start()
-    traces: JobTraces | None = None
+    traces: ClusterTraces | None = None
     try:
         deadline = result.start + timeout
         # Up to the -E command's exit: follow the lines as they come.
@@ -279,10 +346,10 @@ def alloc_once(box: SandboxState, timeout: float) -> AllocRun:
                                  f"command ran; its stderr:\n{result.tail()}")
             result.note(*item)
             if result.ready is not None and traces is None and result.job is not None:
-                traces = JobTraces(box, HOST, result.job)
+                traces = ClusterTraces(box, scenario.host_names, result.job)
                 result.seen_at_ready = traces.left(epilog=False)
         assert result.job is not None
-        traces = traces or JobTraces(box, HOST, result.job)
+        traces = traces or ClusterTraces(box, scenario.host_names, result.job)
         # From there: alloc's exit and the last resource gone, every POLL seconds.
         deadline = result.stopping + timeout
         while result.exited is None or result.gone is None:
@@ -325,32 +392,35 @@ def since(later: float | None, earlier: float | None) -> float:
     return later - earlier
 
 
-def bench(box: SandboxState, runs: int, timeout: float) -> None:
-    spec = bare_spec(box)
+def bench(box: SandboxState, scenario: Scenario, runs: int, timeout: float) -> None:
+    spec = bare_spec(box, scenario.definition)
     bare: list[float] = []
     allocs: list[AllocRun] = []
+    what = f"{scenario.definition} on {scenario.hosts} host{'s' if scenario.hosts > 1 else ''}"
     with tempfile.TemporaryDirectory(prefix="vcluster-bench-bare-") as tmp:
         for i in range(runs):
-            bare.append(bare_boot(spec, Path(tmp), i, timeout))
-            one = alloc_once(box, timeout)
+            bare.append(bare_boot(spec, Path(tmp), i, timeout, count=scenario.vms))
+            one = alloc_once(box, scenario, timeout)
             allocs.append(one)
-            print(f"run {i + 1}/{runs}: bare boot {bare[-1]:.2f} s; alloc job {one.job}: "
-                  f"ready {since(one.ready, one.start):.2f} s (own figure {one.own_ready} s), "
-                  f"command exit -> alloc exit {since(one.exited, one.stopping):.2f} s, "
-                  f"-> all gone on {HOST} {since(one.gone, one.stopping):.2f} s "
-                  f"(epilog: {one.epilog}; at ready on {HOST}: "
+            print(f"{what}: run {i + 1}/{runs}: bare boot {bare[-1]:.2f} s; alloc job "
+                  f"{one.job}: ready {since(one.ready, one.start):.2f} s (own figure "
+                  f"{one.own_ready} s), command exit -> alloc exit "
+                  f"{since(one.exited, one.stopping):.2f} s, -> all gone "
+                  f"{since(one.gone, one.stopping):.2f} s (epilog: {one.epilog}; at ready: "
                   f"{', '.join(one.seen_at_ready) or 'NOTHING'})", file=sys.stderr)
     ready = [since(a.ready, a.start) for a in allocs]
     booted = [a for a in allocs if a.booting is not None]
-    print(f"bench alloc: {DEFINITION} as root in a 1-host sandbox; both with accel {spec.accel}, "
-          f"machine {spec.machine}, cpu {spec.cpu}, {spec.memory >> 20} MiB, {spec.cpus} vCPU")
-    print(summary("(a) bare qemu-system-x86_64 boot of tiny to its ready line", bare))
-    print(summary(f"(b) vcluster alloc -c 1 -E true {DEFINITION} to all-ready", ready))
+    bare_what = "boot of tiny" if scenario.vms == 1 else f"boots of {scenario.vms} tiny at once"
+    print(f"bench alloc: {what}, as root in a {scenario.hosts}-host sandbox; all with accel "
+          f"{spec.accel}, machine {spec.machine}, cpu {spec.cpu}, {spec.memory >> 20} MiB, "
+          f"{spec.cpus} vCPU")
+    print(summary(f"(a) bare qemu-system-x86_64 {bare_what} to ready", bare))
+    print(summary(f"(b) {' '.join(scenario.alloc[1:])} to all-ready", ready))
     print(summary("    within (b): alloc start to salloc's grant",
                   [since(a.granted, a.start) for a in allocs if a.granted is not None]))
-    print(summary("    within (b): alloc start to vm0 booting (its QEMU started)",
+    print(summary("    within (b): alloc start to the first VM booting",
                   [since(a.booting, a.start) for a in booted]))
-    print(summary("    within (b): vm0 booting to all-ready (compare with (a))",
+    print(summary("    within (b): first VM booting to all-ready (compare with (a))",
                   [since(a.ready, a.booting) for a in booted]))
     print(summary("    alloc's own 'ready in' figure (starts after the grant)",
                   [a.own_ready for a in allocs if a.own_ready is not None]))
@@ -358,14 +428,15 @@ def bench(box: SandboxState, runs: int, timeout: float) -> None:
                   [r - b for r, b in zip(ready, bare, strict=True)]))
     print(summary("(c) -E command exit to vcluster alloc returned",
                   [since(a.exited, a.stopping) for a in allocs]))
-    print(summary(f"(c) -E command exit to the job's last resource gone on {HOST}",
+    print(summary("(c) -E command exit to the job's last resource gone on its hosts",
                   [since(a.gone, a.stopping) for a in allocs]))
     bad = [f"job {a.job}: epilog agent={a.epilog}" for a in allocs if a.epilog != "ok"]
     empty = [f"job {a.job}" for a in allocs if not a.seen_at_ready]
     if bad:
         fail(f"the epilog's release failed: {'; '.join(bad)}")
     if empty:
-        fail(f"nothing of {', '.join(empty)} was seen on {HOST} at ready: (c) measured nothing")
+        fail(f"nothing of {', '.join(empty)} was seen on its hosts at ready: (c) measured "
+             "nothing")
 
 
 MAIN_PID = os.getpid()
@@ -384,7 +455,10 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="how many runs (default 5)")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="runs of tiny:1 on one host (default 5)")
+    parser.add_argument("--spread-runs", type=int, default=3,
+                        help="runs of tiny:3 over three hosts (default 3; 0: none)")
     parser.add_argument("--images", type=Path, default=None,
                         help="the image repository holding tiny (default "
                              "$VCLUSTER_TEST_IMAGES or /var/cache/vcluster-test/images)")
@@ -409,8 +483,11 @@ def main() -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, _terminate)
     try:
-        with sandbox(images) as box:
-            bench(box, args.runs, args.timeout)
+        with sandbox(images, ONE_HOST.hosts) as box:
+            bench(box, ONE_HOST, args.runs, args.timeout)
+        if args.spread_runs > 0:
+            with sandbox(images, SPREAD.hosts) as box:
+                bench(box, SPREAD, args.spread_runs, args.timeout)
     except (BenchError, VclusterError) as e:
         fail(str(e))
 

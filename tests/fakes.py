@@ -3,6 +3,8 @@
 - ``FakeAgent``: the host agent's ``vm_resources``, handing out real open file
   descriptors (pipe ends whose other end it keeps, so a test can tell that
   every copy was closed) and a private work directory.
+- ``FakeVnis``: the agent's ``vnis`` as the launcher asks it (a VNI per
+  private network, or the refusal of an exhausted pool).
 - ``KeptStore``: a MemoryStore that code under test may close without the
   test losing what was published.
 - ``FakeQemu``: starts a small program that behaves like QEMU where the runner
@@ -23,12 +25,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vcluster.agent.client import FamRegion, Tap, VmDevices
-from vcluster.agent.protocol import FamSpec, NetworkSpec
+from vcluster.agent.protocol import AgentError, Code, FamSpec, NetworkSpec
 from vcluster.cluster import ClusterSpec
 from vcluster.hostpaths import VmFiles
 from vcluster.lifecycle import VmState
@@ -113,6 +115,26 @@ class FakeAgent:
                 os.close(fd)
         shutil.rmtree(self.workdir, ignore_errors=True)
         shutil.rmtree(self._fam_dir, ignore_errors=True)
+
+
+class FakeVnis:
+    """``AgentClient.vnis`` for the launcher: ``table`` or 4096, 4097… per network asked.
+
+    With ``refusal`` it raises the AgentError the agent sends when a pool is
+    exhausted, as the real client does.
+    """
+
+    def __init__(self, table: Mapping[str, int] | None = None,
+                 refusal: str | None = None) -> None:
+        self.table = dict(table or {})
+        self.refusal = refusal
+        self.asked: list[tuple[str, tuple[str, ...]]] = []
+
+    def vnis(self, job: str, networks: Sequence[str]) -> dict[str, int]:
+        self.asked.append((job, tuple(networks)))
+        if self.refusal is not None:
+            raise AgentError(Code.FAILED, self.refusal)
+        return {name: self.table.get(name, 4096 + i) for i, name in enumerate(networks)}
 
 
 # ------------------------------------------------------------------ the store
@@ -358,12 +380,12 @@ class FakeSteps:
         self.output = output
         self.late = late
         self.started: list[FakeStep] = []
-        self.asked: list[tuple[str, int, float | None, bool]] = []
+        self.asked: list[tuple[str, tuple[str, ...], float | None, bool]] = []
 
-    def __call__(self, job: str, count: int, *, stop_timeout: float | None,
+    def __call__(self, job: str, hosts: Sequence[str], *, stop_timeout: float | None,
                  echo: bool) -> FakeStep:
-        self.asked.append((job, count, stop_timeout, echo))
-        step = FakeStep(self.store, self.keys, self.user, job, count, self.moves,
+        self.asked.append((job, tuple(hosts), stop_timeout, echo))
+        step = FakeStep(self.store, self.keys, self.user, job, len(hosts), self.moves,
                         then=self.then, exit_status=self.exit_status, output=self.output,
                         late=self.late)
         self.started.append(step)

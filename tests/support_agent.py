@@ -37,11 +37,15 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 CLIENT_FILES = ("vcluster/__init__.py", "vcluster/errors.py", "vcluster/codec.py",
                 "vcluster/agent/__init__.py", "vcluster/agent/protocol.py",
                 "vcluster/agent/client.py")
-PROGRAMS = ("agent_job.py", "agent_links.py", "agent_bridge.py", "agent_hold.py")
+PROGRAMS = ("agent_job.py", "agent_links.py", "agent_bridge.py", "agent_hold.py",
+            "agent_nft.py")
 
 
-def private(name: str, mtu: int = 1450) -> dict[str, Any]:
-    return {"name": name, "type": "private", "mtu": mtu}
+def private(name: str, mtu: int = 1450, vni: int | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name, "type": "private", "mtu": mtu}
+    if vni is not None:
+        spec["vni"] = vni
+    return spec
 
 
 @dataclass
@@ -97,9 +101,23 @@ class JobTool:
         self.box.run([sys.executable, self.program("agent_bridge.py"), name], host=host)
 
     def job_links(self, host: str, job: str) -> list[str]:
+        """The job's bridges, taps and VXLAN devices on ``host``."""
         from vcluster.agent.netdev import job_prefixes
 
         return sorted(n for n in self.links(host) if n.startswith(job_prefixes(job)))
+
+    def job_fdb(self, host: str, job: str) -> list[str]:
+        """Forwarding entries towards other hosts on the job's devices on ``host``."""
+        from vcluster.agent.netdev import job_prefixes
+
+        return sorted(f"{name} dst {dst}" for name, link in self.links(host).items()
+                      if name.startswith(job_prefixes(job)) for dst in link["fdb"])
+
+    def job_tables(self, host: str, job: str) -> list[str]:
+        """The job's nftables table on ``host`` (``vcluster_job_<job>``), if it has one."""
+        tables: list[str] = json.loads(
+            self.box.run([sys.executable, self.program("agent_nft.py")], host=host).stdout)
+        return [t for t in tables if t == f"vcluster_job_{job}"]
 
 
 def _results(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
@@ -148,14 +166,16 @@ _GRANTED = re.compile(r"Granted job allocation (\d+)")
 
 
 def allocate(box: Sandbox, user: str, host: str = "h1", ntasks: int = 1) -> str:
-    """A job of ``user`` holding ``host`` with ``ntasks`` tasks (salloc --no-shell); its id.
+    """A job of ``user`` holding ``host`` (or ``h1,h2``: those nodes) with ``ntasks`` tasks
+    (salloc --no-shell); its id.
 
     More than one task is allocated with ``--overcommit`` (one CPU for all of them), so
     other tests' jobs still fit on the sandbox's small hosts; NumTasks is ``ntasks``.
     """
     overcommit = ["--overcommit"] if ntasks > 1 else []
-    proc = box.run(["salloc", "--no-shell", "-N1", f"--ntasks={ntasks}", *overcommit, "-w",
-                    host, "-J", "agent-test"], user=user)
+    nodes = len(host.split(","))
+    proc = box.run(["salloc", "--no-shell", f"-N{nodes}", f"--ntasks={ntasks}", *overcommit,
+                    "-w", host, "-J", "agent-test"], user=user)
     match = _GRANTED.search(proc.stderr + proc.stdout)
     assert match, proc.stderr
     return match.group(1)
@@ -185,9 +205,15 @@ def epilog_ran(box: Sandbox, job: str, host: str = "h1") -> str | None:
 
 
 def nothing_left(tool: JobTool, job: str, host: str = "h1") -> None:
+    """Nothing of ``job`` on ``host``: no device (bridge, tap, VXLAN), forwarding entry,
+    nftables table, file, and no VXLAN id of the job in the store."""
     assert tool.job_links(host, job) == []
+    assert tool.job_fdb(host, job) == []
+    assert tool.job_tables(host, job) == []
     assert [p for p in tool.layout(host).job_paths(job) if p.exists()] == []
     assert Path("/etc/hostname").exists()  # a planted link was not followed
+    assert store_keys(tool.box, f"/vcluster/jobs/{job}/vni/") == []
+    assert vnis_held(tool.box, job) == []
 
 
 _OPEN_STORE = ("import json, os; from pathlib import Path; "
@@ -202,6 +228,21 @@ def store_keys(box: Sandbox, prefix: str) -> list[str]:
     code = _OPEN_STORE + f"print(json.dumps([e.key for e in s.get_prefix({prefix!r})]))"
     keys: list[str] = json.loads(box.run([sys.executable, "-c", code]).stdout)
     return keys
+
+
+def store_entries(box: Sandbox, prefix: str) -> dict[str, str]:
+    """The keys under ``prefix`` and their values."""
+    code = _OPEN_STORE + f"print(json.dumps({{e.key: e.value for e in s.get_prefix({prefix!r})}}))"
+    entries: dict[str, str] = json.loads(box.run([sys.executable, "-c", code]).stdout)
+    return entries
+
+
+def vnis_held(box: Sandbox, job: str) -> list[str]:
+    """The VXLAN pool entries (``pools/vni/<id>``) naming ``job``."""
+    from vcluster.agent.vnis import owned_by
+
+    return sorted(k for k, v in store_entries(box, "/vcluster/pools/vni/").items()
+                  if owned_by(v, job))
 
 
 def put_keys(box: Sandbox, values: dict[str, str]) -> None:

@@ -8,6 +8,7 @@ world-readable directory under /var/tmp.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support_agent import JobTool, epilog_ran, nothing_left, store_keys, wait_for
+from tests.support_agent import (
+    _OPEN_STORE,
+    JobTool,
+    epilog_ran,
+    nothing_left,
+    store_keys,
+    wait_for,
+)
 from tests.support_sandbox import Sandbox
 
 QGA_SCRIPT = (Path(__file__).resolve().parent / "helpers" / "qga_exec.py").read_text()
@@ -183,6 +191,26 @@ def assert_nothing_left(box: Sandbox, tool: JobTool, job: str, user: str,
     nothing_left(tool, job, host)
     assert store_keys(box, f"/vcluster/jobs/{job}/") == []
     assert store_keys(box, f"/vcluster/users/{user}/clusters/{job}/") == []
+
+
+def wait_flag(shared: Shared, name: str) -> str:
+    """A shell loop for -E scripts: wait (bounded) until the test touches flags/NAME."""
+    return f"for i in $(seq 600); do [ -e {shared.flags}/{name} ] && break; sleep 0.2; done"
+
+
+def job_hosts(box: Sandbox, job: str) -> list[str]:
+    """The hosts SLURM gave ``job``: those whose prolog logged it."""
+    hosts = {m.group(1) for line in box.script_log()
+             if (m := re.search(rf" prolog job={job} node=(\S+) ", line))}
+    return sorted(hosts)
+
+
+def store_value(box: Sandbox, key: str) -> str | None:
+    """One key's value in the sandbox's store (read as root), None if absent."""
+    code = (_OPEN_STORE + f"e = s.get({key!r}); "
+            "print(json.dumps(None if e is None else e.value))")
+    value: str | None = json.loads(box.run([sys.executable, "-c", code]).stdout)
+    return value
 
 
 def touch(path: Path) -> None:

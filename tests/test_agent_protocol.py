@@ -32,6 +32,9 @@ REQUESTS: list[p.Request] = [
     p.VmResources("123", 2, (p.NetworkSpec("cluster", "private", 1450),
                              p.NetworkSpec("data", "private")), p.FamSpec("fam", 1 << 26)),
     p.VmResources("5", 0, ()),
+    p.VmResources("12", 1, (p.NetworkSpec("cluster", "private", vni=4100),)),
+    p.Vnis("12", ("cluster", "data")),
+    p.Vnis("12", ()),
     p.Credentials(),
     p.Prolog("7"),
     p.Release("7"),
@@ -42,6 +45,8 @@ REQUESTS: list[p.Request] = [
 LOGGED = p.LoggedJob(uid=1000, user="alice", created=1.5, published=True,
                      networks={"cluster": 0},
                      entries=(p.LoggedEntry("store", "alice"),
+                              p.LoggedEntry("nft", "vcluster_job_123"),
+                              p.LoggedEntry("vxlan", "vcx3fn0", network="cluster", vni=4100),
                               p.LoggedEntry("tap", "vct3fv0n0", vm=0, network="cluster")))
 ANSWERS: list[p.Answer] = [
     p.PingAnswer(version=1, host="h1"),
@@ -50,6 +55,7 @@ ANSWERS: list[p.Answer] = [
                         fam=p.FamRegion(Path("/run/vcluster/jobs/123/fam/fam"), 1 << 26),
                         workdir=Path("/var/lib/vcluster/work/123")),
     p.VmResourcesAnswer(taps=(), fam=None, workdir=Path("/w")),
+    p.VnisAnswer(vnis={"cluster": 4100, "data": 5000}),
     p.CredentialsAnswer(user="vc-alice", password="secret", prefix="/vcluster/users/alice/",
                         endpoints=("https://ctl:2379",), ca_cert="-----BEGIN CERTIFICATE-----"),
     p.PrologAnswer(job="7", published=False),
@@ -80,7 +86,7 @@ def test_every_answer_round_trips(answer: p.Answer) -> None:
 
 
 def test_every_op_has_a_request_class_and_a_client_method() -> None:
-    assert list(p.OPS) == ["ping", "vm-resources", "credentials", "prolog", "release",
+    assert list(p.OPS) == ["ping", "vm-resources", "vnis", "credentials", "prolog", "release",
                            "status"]
     for op in p.OPS:
         assert callable(getattr(AgentClient, op.replace("-", "_")))

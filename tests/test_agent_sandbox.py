@@ -23,6 +23,7 @@ from tests.support_agent import (
     nothing_left,
     private,
     put_keys,
+    store_entries,
     store_keys,
     unix_users,
     wait_for,
@@ -200,6 +201,58 @@ def test_vm_resources_for_the_job_and_its_user_only(sandbox: Sandbox, tool: JobT
     # release again: nothing to do, not an error.
     again_out = tool.agent("h1", "release", job).stdout
     assert f"job {job} released on h1: nothing to remove" in again_out
+
+
+def test_a_private_network_spans_the_jobs_hosts(sandbox: Sandbox, tool: JobTool) -> None:
+    job = allocate(sandbox, USER_A, host="h1,h2", ntasks=2)
+    address = {h["name"]: h["address"] for h in sandbox.state["hosts"]}
+    device, bridge = netdev.vxlan_name(job, 0), netdev.bridge_name(job, 0)
+    try:
+        # The launcher's question: on the login node (its agent), as the job's user,
+        # outside the job's tasks; asked twice, one id.
+        ask = [{"op": "vnis", "networks": ["cluster"]}]
+        first, again = json.loads(sandbox.run(tool.argv("ctl", job, ask * 2),
+                                              user=USER_A).stdout)
+        assert "error" not in first, first
+        vni = first["cluster"]
+        assert again == first and 4096 <= vni <= 65535
+        (other,) = json.loads(sandbox.run(tool.argv("ctl", job, ask), user=USER_B).stdout)
+        assert other["code"] == "denied" and f"job {job} belongs to uid" in other["error"]
+        entries = store_entries(sandbox, "/vcluster/")
+        assert entries[f"/vcluster/jobs/{job}/vni/cluster"] == str(vni)
+        assert json.loads(entries[f"/vcluster/pools/vni/{vni}"]) == \
+            {"job": job, "user": USER_A, "network": "cluster"}
+
+        # Each host's runner: the bridge joined to the other host by VXLAN, filtered.
+        nets = [private("cluster", vni=vni)]
+        for vm, host in enumerate(("h1", "h2")):
+            (got,) = tool.step(USER_A, job, [{"vm": vm, "networks": nets}], host=host)
+            assert "error" not in got, got
+        for host, peer in (("h1", "h2"), ("h2", "h1")):
+            link = tool.links(host)[device]
+            assert (link["kind"], link["vni"], link["mtu"], link["master"], link["up"]) == \
+                ("vxlan", vni, 1450, bridge, True)
+            assert set(link["fdb"]) == {address[peer]}  # flood entry (and what it learned)
+            assert tool.job_tables(host, job) == [f"vcluster_job_{job}"]
+            status = json.loads(tool.agent(host, "status", "--json").stdout)
+            (mine,) = [j["log"] for j in status["jobs"] if j["job"] == job]
+            kinds = [(e["kind"], e["name"], e.get("vni")) for e in mine["entries"]]
+            assert ("vxlan", device, vni) in kinds
+            assert ("nft", f"vcluster_job_{job}", None) in kinds
+        # An id that is not the job's is refused, and nothing more is made.
+        (wrong,) = tool.step(USER_A, job, [{"vm": 0, "networks": [private("cluster",
+                                                                          vni=vni + 1)]}])
+        assert wrong["code"] == "denied" and f"VXLAN id {vni + 1} is not job {job}'s" in \
+            wrong["error"]
+    finally:
+        cancel(sandbox, job)
+    for host in ("h1", "h2"):
+        def ended(on: str = host) -> bool:
+            return epilog_ran(sandbox, job, on) is not None
+
+        wait_for(f"the epilog of job {job} on {host}", ended)
+        assert epilog_ran(sandbox, job, host) == "ok"
+        nothing_left(tool, job, host)  # devices, entries, table, and the job's VXLAN id
 
 
 def test_root_only_operations_and_bad_requests(sandbox: Sandbox, tool: JobTool) -> None:

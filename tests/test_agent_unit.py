@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.agent_fakes import FakeDevices
+from tests.helpers.agent_fakes import FakeDevices, FakeFirewall
 from tests.helpers.agent_site import AgentHost, served, write_site
 from tests.support_agent import CLIENT_FILES, wait_for
 from vcluster.agent import client, fam, netdev, protocol, undo
@@ -107,10 +107,14 @@ def test_device_names_identify_the_job_and_fit() -> None:
     with pytest.raises(ResourceError, match="longer than 15 characters"):
         netdev.tap_name(str(36**7), protocol.MAX_VM, 0)
     # The prefixes of job 1 do not cover job 36 ("10" in base 36).
-    bridges, taps = netdev.job_prefixes("1")
+    bridges, taps, vxlans = netdev.job_prefixes("1")
     assert not netdev.bridge_name("36", 0).startswith(bridges)
     assert not netdev.tap_name("36", 0, 0).startswith(taps)
+    assert not netdev.vxlan_name("36", 0).startswith(vxlans)
     assert netdev.tap_name("1", 0, 0).startswith(taps)
+    assert netdev.vxlan_name("123", 1) == "vcx3fn1"
+    assert netdev.vxlan_name("1", 0).startswith(vxlans)
+    assert len(netdev.vxlan_name(str(36**6 - 1), protocol.MAX_NETWORKS - 1)) < 15
 
 
 def test_undo_log_round_trip(tmp_path: Path) -> None:
@@ -317,7 +321,7 @@ def jobs_with(policy_dir: Path, tmp_path: Path) -> Jobs:
     link = StoreLink(StoreConfig(endpoints=("http://127.0.0.1:9",)))
     layout = HostLayout(state=tmp_path / "state", run=tmp_path / "run")
     return Jobs(Settings(node="unit", layout=layout), link, load_policy(policy_dir),
-                FakeDevices())
+                FakeDevices(), FakeFirewall())
 
 
 def test_site_policy_decides_networks_mtus_and_fam_sizes(tmp_path: Path) -> None:

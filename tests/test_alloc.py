@@ -31,6 +31,7 @@ from tests.support_alloc import (
     runner_pid,
     shared_dir,
     touch,
+    wait_flag,
 )
 from tests.support_images import guest_script, require_image
 from tests.support_sandbox import Sandbox, sandbox
@@ -75,11 +76,6 @@ def shared(users: None) -> Iterator[Shared]:
 def tool(sandbox: Sandbox, users: None) -> Iterator[JobTool]:
     with job_tool(sandbox) as made:
         yield made
-
-
-def wait_flag(shared: Shared, name: str) -> str:
-    """A shell loop for -E scripts: wait (bounded) until the test touches flags/NAME."""
-    return f"for i in $(seq 600); do [ -e {shared.flags}/{name} ] && break; sleep 0.2; done"
 
 
 def test_tiny_fam_cluster_shares_memory_and_leaves_nothing(

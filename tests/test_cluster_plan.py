@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -66,8 +68,18 @@ def test_plan_resolves_images_addresses_and_fam(tmp_path: Path) -> None:
 
 def test_spec_round_trips_through_json(tmp_path: Path) -> None:
     spec = ClusterSpec("42", "vcluster", "alice", 1000, 1.5, "ssh-ed25519 AAAA x",
-                       plan(tmp_path, "tiny,deb:2"))
+                       plan(tmp_path, "tiny,deb:2"), vnis={"cluster": 4096})
     assert from_json(ClusterSpec, to_json(spec)) == spec
+    # A spec written before VNIs were recorded still reads, with none.
+    older = json.loads(to_json(spec))
+    del older["vnis"]
+    assert from_json(ClusterSpec, json.dumps(older)).vnis == {}
+
+
+def test_the_private_networks_are_those_that_need_a_vni(tmp_path: Path) -> None:
+    assert plan(tmp_path, "tiny,deb").private_networks() == ["cluster"]
+    bare = plan(tmp_path, "tiny")
+    assert dataclasses.replace(bare, vms=()).private_networks() == []
 
 
 def test_missing_image_is_refused_with_its_line(tmp_path: Path) -> None:

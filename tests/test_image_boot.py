@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import tempfile
@@ -90,6 +91,57 @@ def test_tiny_applies_network_config_and_has_vxlan(workdir: Path, vms: list[Test
     log = vm.log.read_text(errors="replace")
     assert "net-check: eth0 10.78.0.5/24" in log
     assert "net-check: vxlan ok" in log and "net-check: bridge ok" in log
+
+
+TOOLS_CHECK = guest_script("tools-check.sh")
+PAIR_CHECK = guest_script("pair-check.sh")
+
+
+def test_tiny_runs_debian_ping_and_iperf3(workdir: Path, vms: list[TestVm]) -> None:
+    """iputils' ping and iperf3 are dynamically linked: they run, with their libraries."""
+    seed = workdir / "seed.iso"
+    write_seed(seed, meta_data=meta_data("tiny-tools", "tiny-tools"), user_data=TOOLS_CHECK)
+    vm = boot(vms, tiny_spec("tinytools", seed), workdir)
+    vm.wait_for("vcluster-tiny: ready hostname=tiny-tools", TINY_TIMEOUT)
+    log = vm.log.read_text(errors="replace")
+    assert "tools-check: ping from iputils" in log
+    # -M do: DF set, a 1450-byte packet (1422 + ICMP 8 + IP 20)
+    assert "tools-check: 1430 bytes from 127.0.0.1: icmp_seq=1" in log
+    assert "tools-check: 1 packets transmitted, 1 received, 0% packet loss" in log
+    assert re.search(r"tools-check: iperf 3\.\d+", log), log
+    assert re.search(r"tools-check: iperf3 .* Mbits/sec .*receiver", log), log
+    # and on the shell, as a user types it
+    vm.send("ping -M do -s 1422 -c 1 127.0.0.1 >/dev/null && echo typed-ping-$((40 + 2))")
+    vm.wait_for("typed-ping-42", 10)
+
+
+def test_tiny_pair_sends_full_size_frames_with_df(workdir: Path, vms: list[TestVm]) -> None:
+    """Two tiny VMs on one QEMU link (unix datagram sockets: nothing leaves the host)."""
+    names = ("tiny-pa", "tiny-pb")
+    booted = []
+    for index, name in enumerate(names, 1):
+        peer = names[2 - index]
+        mac = f"52:54:00:0a:0c:0{index}"
+        seed = workdir / f"{name}.iso"
+        write_seed(seed, meta_data=meta_data(name, name), user_data=PAIR_CHECK,
+                   network_config=network_config([Interface(mac, "eth0",
+                                                            (f"10.81.0.{index}/24",))]))
+        netdev = (f"dgram,id=n0,local.type=unix,local.path={workdir / name}.net,"
+                  f"remote.type=unix,remote.path={workdir / peer}.net")
+        spec = tiny_spec(name, seed, extra=("-netdev", netdev, "-device",
+                                            f"virtio-net-pci,netdev=n0,mac={mac}"))
+        booted.append(boot(vms, spec, workdir))
+    client, server = booted
+    server.wait_for("pair-check: iperf3 server started", TINY_TIMEOUT)
+    took = client.wait_for("vcluster-tiny: ready hostname=tiny-pa", 90)
+    log = client.log.read_text(errors="replace")
+    assert "pair-check: eth0 mtu 1450" in log
+    assert "pair-check: 1430 bytes from 10.81.0.2: icmp_seq=1" in log, log
+    assert "pair-check: 1 packets transmitted, 1 received, 0% packet loss" in log, log
+    assert re.search(r"pair-check: ping: local error: message too long, mtu[=:] ?1450", log), log
+    rate = re.search(r"pair-check: iperf3 .* ([\d.]+) Mbits/sec .*receiver", log)
+    assert rate, log
+    print(f"tiny pair: client ready after {took:.1f} s, iperf3 {rate.group(1)} Mbit/s")
 
 
 # A #! user-data script per VM: A writes a marker word into the FAM region, B

@@ -32,7 +32,8 @@ def test_shipped_recipes_parse() -> None:
     cfg = debian.overlays[0] / "etc/cloud/cloud.cfg.d/90-vcluster.cfg"
     assert "NoCloud" in cfg.read_text()
     tiny = load_recipe("tiny")
-    assert tiny.kind == "initramfs" and tiny.packages == ("busybox-static",)
+    assert tiny.kind == "initramfs" and tiny.packages[:2] == ("busybox-static", "dash")
+    assert {"iputils-ping", "iperf3"} <= set(tiny.packages) and "libcap2-bin" in tiny.exclude
     assert {"virtio_net", "virtio_blk", "iso9660", "vxlan"} <= set(tiny.modules)
     assert os.access(tiny.overlays[0] / "init", os.X_OK)
     assert os.access(tiny.overlays[0] / "bin" / "fam", os.X_OK)
@@ -282,3 +283,298 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"postbuild command .* failed"):
         build_image(load_recipe(str(tmp_path / "r.yaml")), repo, progress=Progress(quiet=True))
     assert sorted(p.name for p in repo.root.iterdir()) == [".cache"]
+
+
+# -- run-time dependencies of an initramfs (a fake apt answer) -------------------------
+
+# apt-cache depends --recurse ... iputils-ping iperf3, trimmed: alternatives ("|"),
+# a virtual package with its providers, and a chain that only excluded packages need.
+APT_DEPENDS = """\
+iputils-ping
+  Depends: libcap2-bin
+  Depends: libc6
+  Depends: libidn2-0
+iperf3
+  PreDepends: init-system-helpers
+  Depends: adduser
+  Depends: libc6
+  Depends: libiperf0
+ |Depends: debconf
+  Depends: <debconf-2.0>
+    cdebconf
+    debconf
+libcap2-bin
+  Depends: libc6
+  Depends: libcap2
+libc6
+  Depends: libgcc-s1
+libidn2-0
+  Depends: libc6
+  Depends: libunistring2
+init-system-helpers
+ |Depends: usrmerge
+  Depends: usr-is-merged
+    usrmerge
+adduser
+  Depends: passwd
+libiperf0
+  Depends: libc6
+  Depends: libssl3
+debconf
+cdebconf
+  Depends: libc6
+  Depends: libnewt0.52
+libcap2
+  Depends: libc6
+libgcc-s1
+  Depends: gcc-12-base
+  Depends: libc6
+libunistring2
+  Depends: libc6
+usrmerge
+  Depends: <perl:any>
+    perl
+usr-is-merged
+passwd
+  Depends: libpam0g
+libssl3
+  Depends: libc6
+libnewt0.52
+  Depends: libc6
+gcc-12-base
+perl
+  PreDepends: dpkg
+dpkg
+libpam0g
+  Depends: libc6
+<perl:any>
+<debconf-2.0>
+"""
+
+
+def test_parse_depends_reads_alternatives_and_providers() -> None:
+    from vcluster.images.depends import Target, parse_depends
+
+    graph = parse_depends(APT_DEPENDS)
+    assert "<debconf-2.0>" not in graph and "perl:any" not in graph and "debconf-2.0" not in graph
+    assert graph["iputils-ping"] == ((Target("libcap2-bin"),), (Target("libc6"),),
+                                     (Target("libidn2-0"),))
+    # "|Depends: debconf" or'ed with the next line, a virtual package and its providers
+    assert graph["iperf3"][-1] == (Target("debconf"),
+                                   Target("debconf-2.0", True, ("cdebconf", "debconf")))
+    assert graph["init-system-helpers"] == ((Target("usrmerge"),
+                                             Target("usr-is-merged", False, ("usrmerge",))),)
+    assert graph["usrmerge"] == ((Target("perl", True, ("perl",)),),)  # <perl:any>
+    assert graph["debconf"] == () and graph["gcc-12-base"] == ()
+
+
+def test_resolve_follows_dependencies_and_leaves_out_excluded() -> None:
+    from vcluster.images.depends import BUILTIN_EXCLUDE, parse_depends, resolve
+
+    graph = parse_depends(APT_DEPENDS)
+    result = resolve(["iputils-ping", "iperf3"], graph, {*BUILTIN_EXCLUDE, "libcap2-bin"})
+    assert result.packages[:2] == ("iputils-ping", "iperf3")  # listed first
+    assert set(result.packages) == {"iputils-ping", "iperf3", "libc6", "libidn2-0", "libiperf0",
+                                    "libgcc-s1", "libunistring2", "libssl3", "gcc-12-base"}
+    # what excluded packages alone needed does not come in: passwd, perl, dpkg, cdebconf, libcap2
+    assert result.left_out == {"adduser": "iperf3", "debconf": "iperf3",
+                               "init-system-helpers": "iperf3", "libcap2-bin": "iputils-ping"}
+    # without exclusions: the first alternative, the dependencies of everything
+    everything = resolve(["iputils-ping", "iperf3"], graph, ())
+    assert {"debconf", "usrmerge", "perl", "dpkg", "passwd", "libpam0g", "libcap2"} <= set(
+        everything.packages)
+    assert "cdebconf" not in everything.packages and "usr-is-merged" not in everything.packages
+    assert everything.left_out == {}
+
+
+def test_resolve_prefers_what_is_chosen_and_listed_packages_always_go_in() -> None:
+    from vcluster.images.depends import BUILTIN_EXCLUDE, parse_depends, resolve
+
+    graph = parse_depends(APT_DEPENDS)
+    # usr-is-merged listed: init-system-helpers' "usrmerge | usr-is-merged" takes it, no perl
+    result = resolve(["usr-is-merged", "init-system-helpers"], graph, ())
+    assert result.packages == ("usr-is-merged", "init-system-helpers")
+    # a listed package is installed even when the built-in list names it; its own
+    # dependencies follow the usual rules
+    assert "dpkg" in BUILTIN_EXCLUDE
+    assert resolve(["dpkg", "perl"], graph, BUILTIN_EXCLUDE).packages == ("dpkg", "perl")
+    # "debconf | debconf-2.0" with debconf excluded: the whole dependency is dropped, no
+    # other provider of debconf-2.0 comes in its place
+    without = resolve(["iperf3"], graph, {"init-system-helpers", "adduser", "debconf"})
+    assert "cdebconf" not in without.packages and without.left_out["debconf"] == "iperf3"
+    # a virtual package alone: its first provider, as apt-cache lists them
+    graph["x"] = parse_depends("x\n  Depends: <debconf-2.0>\n    cdebconf\n    debconf\n")["x"]
+    assert resolve(["x"], graph, ()).packages == ("x", "cdebconf", "libc6", "libnewt0.52",
+                                                  "libgcc-s1", "gcc-12-base")
+
+
+def test_resolve_errors_name_the_package() -> None:
+    from vcluster.images.depends import parse_depends, resolve
+
+    graph = parse_depends("a\n  Depends: <nothing-provides-me>\n")
+    with pytest.raises(ImageError, match=r"a depends on <nothing-provides-me>, which no package"):
+        resolve(["a"], graph, ())
+    with pytest.raises(ImageError, match=r"apt knows no package 'nosuch'"):
+        resolve(["nosuch"], graph, ())
+
+
+def test_closure_asks_apt_once_without_a_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from vcluster.images import depends
+
+    calls: list[list[str]] = []
+
+    def fake_run(argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        calls.append([str(a) for a in argv])
+        return subprocess.CompletedProcess(argv, 0, APT_DEPENDS, "")
+
+    monkeypatch.setattr(depends, "run", fake_run)
+    result = depends.closure(["iputils-ping", "iperf3", "iputils-ping"], ["libcap2-bin"])
+    assert calls == [["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+                      "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances",
+                      "iputils-ping", "iperf3"]]
+    assert "libcap2-bin" in result.left_out and "libc6" in result.packages
+    assert depends.closure([]).packages == () and len(calls) == 1
+
+
+def test_initramfs_packages_and_hash_include_the_dependencies(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from vcluster.images import build, depends, packages
+
+    apt = {"text": APT_DEPENDS}
+    monkeypatch.setattr(depends, "apt_graph", lambda names: depends.parse_depends(apt["text"]))
+    monkeypatch.setattr(packages, "kernel_package", lambda meta: ("linux-image-6.1-cloud", "6"))
+    monkeypatch.setattr(packages, "versions", lambda names: {name: "1" for name in names})
+    write_tree(tmp_path, {"r.yaml": "kind: initramfs\npackages: [iputils-ping, iperf3]\n"
+                                    "exclude: [libcap2-bin]\n"})
+    recipe = load_recipe(str(tmp_path / "r.yaml"))
+    assert recipe.exclude == ("libcap2-bin",)
+    resolved = build.resolve_packages(recipe)
+    assert list(resolved.versions)[:3] == ["linux-image-6.1-cloud", "iputils-ping", "iperf3"]
+    assert "libssl3" in resolved.versions and "debconf" not in resolved.versions
+    assert resolved.left_out["libcap2-bin"] == "iputils-ping"
+    assert build.describe_packages(recipe, resolved) == (
+        "2 packages listed, 9 with their dependencies; left out: adduser (for iperf3), "
+        "debconf (for iperf3), init-system-helpers (for iperf3), libcap2-bin (for iputils-ping)")
+    first = content_hash(recipe, resolved.versions)
+    # a new dependency of a listed package rebuilds the image
+    apt["text"] = APT_DEPENDS.replace("libssl3\n  Depends: libc6\n",
+                                      "libssl3\n  Depends: libc6\n  Depends: libzstd1\n"
+                                      ) + "libzstd1\n"
+    again = build.resolve_packages(recipe)
+    assert "libzstd1" in again.versions and content_hash(recipe, again.versions) != first
+    # and so does a change of the exclude list (it is part of the recipe's settings)
+    (tmp_path / "r.yaml").write_text("kind: initramfs\npackages: [iputils-ping, iperf3]\n")
+    assert content_hash(load_recipe(str(tmp_path / "r.yaml")), resolved.versions) != first
+
+
+def test_disk_packages_are_not_resolved_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vcluster.images import build, depends, packages
+
+    def no_apt(names: list[str]) -> object:
+        raise AssertionError("debootstrap resolves a disk's dependencies")
+
+    monkeypatch.setattr(depends, "apt_graph", no_apt)
+    monkeypatch.setattr(packages, "versions", lambda names: {name: "1" for name in names})
+    resolved = build.resolve_packages(load_recipe("debian"))
+    assert list(resolved.versions) == list(load_recipe("debian").packages)
+    assert resolved.left_out == {}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("kind: initramfs\nexclude: [Perl]\n", "exclude: 'Perl' is not a Debian package name"),
+    ("kind: initramfs\npackages: ['--option']\n", "packages: '--option' is not a Debian package"),
+    ("kind: initramfs\nexclude: [perl, '']\n", "exclude: an empty item"),
+])
+def test_bad_package_names(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+def test_exclude_lists_merge_from_parents(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"a.yaml": "kind: initramfs\nexclude: [libcap2-bin]\n",
+                          "b.yaml": "parents: [a.yaml, tiny]\nexclude: [libidn2-0, libcap2-bin]\n",
+                          "disk.yaml": "parents: [a.yaml]\nkind: disk\n"})
+    recipe = load_recipe(str(tmp_path / "b.yaml"))
+    assert recipe.exclude == ("libcap2-bin", "libidn2-0")
+    assert recipe.settings()["exclude"] == ["libcap2-bin", "libidn2-0"]
+    with pytest.raises(ImageError, match=r"a\.yaml: exclude is for kind initramfs"):
+        load_recipe(str(tmp_path / "disk.yaml"))
+
+
+# -- the dynamic loader ----------------------------------------------------------------
+
+
+def elf_header(*, interp: bytes | None, wide: bool = True) -> bytes:
+    """A minimal little-endian ELF file: a header, one program header, the interpreter."""
+    import struct
+
+    if wide:
+        head = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack(
+            "<HHIQQQIHHHHHH", 2, 62, 1, 0, 64, 0, 0, 64, 56, 1 if interp else 0, 64, 0, 0)
+        ph = struct.pack("<IIQQQQQQ", 3, 4, 120, 0, 0, len(interp or b""),
+                         len(interp or b""), 1) if interp else b""
+    else:
+        head = b"\x7fELF\x01\x01\x01" + bytes(9) + struct.pack(
+            "<HHIIIIIHHHHHH", 2, 3, 1, 0, 52, 0, 0, 52, 32, 1 if interp else 0, 40, 0, 0)
+        ph = struct.pack("<IIIIIIII", 3, 84, 0, 0, len(interp or b""), len(interp or b""), 4,
+                         1) if interp else b""
+    return head + ph + (interp or b"")
+
+
+def test_interpreter_of_elf_files(tmp_path: Path) -> None:
+    import sys
+
+    from vcluster.images.loader import dynamic_programs, interpreter
+
+    files = {
+        "bin/dyn": elf_header(interp=b"/lib64/ld-linux-x86-64.so.2\0"),
+        "bin/dyn32": elf_header(interp=b"/lib/ld-linux.so.2\0", wide=False),
+        "bin/static": elf_header(interp=None),
+        "bin/script": b"#!/bin/sh\necho hi\n",
+        "bin/short": b"\x7fELF",
+        "lib/modules/6.1/x.ko": elf_header(interp=b"/never\0"),
+    }
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    (tmp_path / "bin" / "link").symlink_to("dyn")
+    assert interpreter(tmp_path / "bin/dyn") == "/lib64/ld-linux-x86-64.so.2"
+    assert interpreter(tmp_path / "bin/dyn32") == "/lib/ld-linux.so.2"
+    for rel in ("bin/static", "bin/script", "bin/short", "nosuch"):
+        assert interpreter(tmp_path / rel) is None
+    # links and kernel modules are not looked at
+    assert dynamic_programs(tmp_path) == {"/bin/dyn": "/lib64/ld-linux-x86-64.so.2",
+                                          "/bin/dyn32": "/lib/ld-linux.so.2"}
+    # this Python is a real, dynamically linked program
+    assert (interpreter(Path(sys.executable).resolve()) or "").startswith("/lib")
+
+
+def test_loader_cache_and_check_run_without_a_shell(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    import subprocess
+
+    from vcluster.images import loader
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ping").write_bytes(elf_header(interp=b"/lib64/ld.so\0"))
+    calls: list[list[str]] = []
+
+    def fake_run(argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        calls.append([str(a) for a in argv])
+        broken = argv[-1] == "/bin/ping" and "--list" in argv
+        return subprocess.CompletedProcess(
+            argv, 127 if broken else 0, "",
+            "/bin/ping: error while loading shared libraries: libidn2.so.0: cannot open shared "
+            "object file" if broken else "")
+
+    monkeypatch.setattr(loader, "run", fake_run)
+    with pytest.raises(ImageError, match=r"/bin/ping: .*libidn2\.so\.0: cannot open"):
+        loader.prepare(tmp_path)
+    assert (tmp_path / "etc" / "ld.so.conf").read_text() == "include /etc/ld.so.conf.d/*.conf\n"
+    assert calls[0][1:] == ["-r", str(tmp_path)] and calls[0][0].endswith("ldconfig")
+    assert calls[1] == ["chroot", str(tmp_path), "/lib64/ld.so", "--list", "/bin/ping"]
+    # nothing dynamically linked: no cache, nothing run
+    calls.clear()
+    (tmp_path / "bin" / "ping").write_bytes(elf_header(interp=None))
+    assert loader.prepare(tmp_path) == 0 and calls == []

@@ -1,8 +1,9 @@
-"""The launcher's phases on fakes: a MemoryStore and a FakeStep playing the VM runners.
+"""The launcher's phases on fakes: a MemoryStore, FakeVnis and a FakeStep playing the runners.
 
-No SLURM, no QEMU, no root: the launcher records the cluster in the store,
-"starts" the step, watches the records the fake runners publish, runs the
-user's ``-E`` command and stops the step, as it does inside an allocation.
+No SLURM, no QEMU, no root: the launcher places the VMs on the allocation's
+hosts, takes the VNIs, records the cluster in the store, "starts" the step,
+watches the records the fake runners publish, runs the user's ``-E`` command
+and stops the step, as it does inside an allocation.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from pathlib import Path
 import pytest
 
 import vcluster.launch.launcher as launcher_module
-from tests.fakes import FakeSteps, Move, boot_moves, wait_until
+from tests.fakes import FakeSteps, FakeVnis, Move, boot_moves, wait_until
 from tests.support_vm import cluster_spec, disk_boot, fake_tiny_boot, vm_plan
+from vcluster.agent.protocol import AgentError
 from vcluster.cancel import Cancelled
-from vcluster.cluster import ClusterPlan
+from vcluster.cluster import ClusterPlan, FamPlan
 from vcluster.identity import user_name
 from vcluster.launch.launcher import ClusterFailed, Launcher, LaunchOptions
+from vcluster.launch.placement import Allocation, Host, PlacementError
 from vcluster.launch.submit import forwarded
 from vcluster.lifecycle import VmState
 from vcluster.store.keys import Keys
@@ -37,6 +40,7 @@ JOB = "42"
 KEYS = Keys("/vcluster")
 USER = user_name()
 QEMU_ERROR = "QEMU exited with status 1: qemu-system-x86_64: -nosuchoption: invalid option"
+ONE_HOST = Allocation((Host("h1", 8),))
 
 
 class Output(io.StringIO):
@@ -61,16 +65,24 @@ def not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO())
 
 
-def tiny_plan(count: int) -> ClusterPlan:
-    return cluster_spec(JOB, [vm_plan(i, fake_tiny_boot()) for i in range(count)]).plan
+def tiny_plan(count: int, *, fam: int = 0, nics: int = 1) -> ClusterPlan:
+    """``count`` tiny VMs, the first ``fam`` of them sharing FAM region 'fam'."""
+    region = FamPlan("fam", 1 << 20)
+    vms = [vm_plan(i, fake_tiny_boot(), nics=nics, fam=region if i < fam else None)
+           for i in range(count)]
+    return cluster_spec(JOB, vms).plan
 
 
-def launch(store: MemoryStore, steps: FakeSteps, count: int, *, command: str = "exit 0",
-           ready_timeout: float = 30.0) -> tuple[Launcher, Output]:
+def launch(store: MemoryStore, steps: FakeSteps, count: int | ClusterPlan, *,
+           command: str = "exit 0", ready_timeout: float = 30.0,
+           allocation: Allocation = ONE_HOST,
+           vnis: FakeVnis | None = None) -> tuple[Launcher, Output]:
     out = Output()
     options = LaunchOptions(command=command, ready_timeout=ready_timeout)
-    launcher = Launcher(tiny_plan(count), store, prefix=KEYS.prefix, job=JOB,
-                        job_name="vcluster", options=options, start_step=steps, out=out)
+    plan = tiny_plan(count) if isinstance(count, int) else count
+    launcher = Launcher(plan, store, prefix=KEYS.prefix, job=JOB, job_name="vcluster",
+                        options=options, allocation=allocation, agent=vnis or FakeVnis(),
+                        start_step=steps, out=out)
     return launcher, out
 
 
@@ -87,7 +99,7 @@ def test_all_ready_runs_the_command_then_stops_the_vms(store: MemoryStore) -> No
     steps = FakeSteps(store, USER, boot_moves([0, 1]))
     launcher, out = launch(store, steps, 2, command=f'[ "$VCLUSTER_JOB_ID" = {JOB} ] && exit 3')
     assert launcher.run() == 3
-    assert steps.asked == [(JOB, 2, None, False)]
+    assert steps.asked == [(JOB, ("h1", "h1"), None, False)]
     step = steps.step
     assert step.spec is not None and step.spec.job == JOB and step.spec.user == USER
     assert step.spec.ssh_public_key.startswith("ssh-ed25519 ")
@@ -259,3 +271,97 @@ def test_alloc_passes_stop_signals_on_to_salloc() -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+
+
+# ------------------------------------------------------------------ hosts, VNIs, fast failures
+
+
+def nothing_made(store: MemoryStore, steps: FakeSteps, out: Output) -> None:
+    assert len(store.get_prefix(KEYS.cluster_prefix(USER, JOB))) == 0
+    assert steps.started == []
+    assert out.lines() == []
+
+
+def test_the_vnis_go_into_the_spec_before_any_runner_starts(store: MemoryStore) -> None:
+    vnis = FakeVnis({"cluster": 5000})
+    steps = FakeSteps(store, USER, boot_moves([0, 1]))
+    plan = cluster_spec(JOB, [vm_plan(i, fake_tiny_boot(), nics=2) for i in range(2)]).plan
+    launcher, _ = launch(store, steps, plan, vnis=vnis)
+    assert launcher.run() == 0
+    assert vnis.asked == [(JOB, ("cluster", "net1"))]  # each private network once
+    spec = steps.step.spec
+    assert spec is not None and spec.vnis == {"cluster": 5000, "net1": 4097}
+
+
+def test_a_cluster_without_private_networks_asks_for_no_vni(store: MemoryStore) -> None:
+    vnis = FakeVnis(refusal="must not be asked")
+    steps = FakeSteps(store, USER, boot_moves([0]))
+    launcher, _ = launch(store, steps, tiny_plan(1, nics=0), vnis=vnis)
+    assert launcher.run() == 0
+    assert vnis.asked == []
+    assert steps.step.spec is not None and steps.step.spec.vnis == {}
+
+
+def test_an_exhausted_vni_pool_is_one_line_and_nothing_is_made(store: MemoryStore) -> None:
+    refusal = ("network 'cluster': VNI pool 4096-4097 is exhausted (2 clusters hold it: "
+               "jobs 3, 8)")
+    steps = FakeSteps(store, USER, boot_moves([0]))
+    launcher, out = launch(store, steps, 1, vnis=FakeVnis(refusal=refusal))
+    with pytest.raises(AgentError) as e:
+        launcher.run()
+    assert str(e.value) == refusal
+    assert e.value.exit_code == 1
+    nothing_made(store, steps, out)
+
+
+def test_a_fam_group_that_fits_on_no_host_is_refused_before_anything(
+        store: MemoryStore) -> None:
+    vnis = FakeVnis()
+    steps = FakeSteps(store, USER, boot_moves([0, 1]))
+    launcher, out = launch(store, steps, tiny_plan(2, fam=2), vnis=vnis,
+                           allocation=Allocation((Host("h1", 1), Host("h2", 1))))
+    with pytest.raises(PlacementError) as e:
+        launcher.run()
+    assert str(e.value) == (
+        "FAM region 'fam' (vm0, vm1: 2 VMs, 2 CPUs) fits on no host of the allocation: "
+        "h1 has 1 CPU, h2 has 1 CPU; ask for more CPUs per node (e.g. --ntasks-per-node=2) "
+        "or make the group smaller")
+    assert vnis.asked == []  # placement comes first: no VNI taken for nothing
+    nothing_made(store, steps, out)
+
+
+def test_the_step_runs_each_vm_on_its_placed_host(store: MemoryStore) -> None:
+    moves = [*boot_moves([0, 1], host="h1"), *boot_moves([2, 3], host="h2")]
+    steps = FakeSteps(store, USER, moves)
+    launcher, _ = launch(store, steps, tiny_plan(4, fam=2),
+                         allocation=Allocation((Host("h1", 2), Host("h2", 2))))
+    assert launcher.run() == 0
+    assert steps.asked[0][1] == ("h1", "h1", "h2", "h2")
+
+
+def test_a_fam_group_published_on_two_hosts_fails_at_once(store: MemoryStore) -> None:
+    moves = [Move(0, VmState.PREPARING, "h1"), Move(1, VmState.PREPARING, "h2")]
+    steps = FakeSteps(store, USER, moves)
+    launcher, out = launch(store, steps, tiny_plan(3, fam=2), ready_timeout=600)
+    started = time.monotonic()
+    with pytest.raises(ClusterFailed) as e:
+        launcher.run()
+    assert time.monotonic() - started < 10
+    assert str(e.value) == ("FAM region 'fam' is split across hosts (vm0 on h1, vm1 on h2): a "
+                            "region is memory of one host, so these VMs would not share it")
+    assert_stopped_and_forgotten(store, steps, out)
+
+
+def test_a_network_a_host_cannot_build_is_one_line_naming_the_host(store: MemoryStore) -> None:
+    refusal = ("h2: network 'cluster': interface eth1 has MTU 1500, too small for VXLAN "
+               "around MTU 1450 (expected at least 1500)")
+    moves = [Move(0, VmState.PREPARING, "h1"), Move(1, VmState.PREPARING, "h2"),
+             Move(1, VmState.FAILED, error=refusal)]
+    steps = FakeSteps(store, USER, moves)
+    launcher, out = launch(store, steps, 2, ready_timeout=600)
+    started = time.monotonic()
+    with pytest.raises(ClusterFailed) as e:
+        launcher.run()
+    assert time.monotonic() - started < 10  # not the ready deadline
+    assert str(e.value) == f"vm1 failed on h2: {refusal}"  # one line: the VM never booted
+    assert_stopped_and_forgotten(store, steps, out)

@@ -7,6 +7,7 @@ FakeQemu stands in for QEMU (its stderr, console log and QMP socket).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -247,4 +248,17 @@ def test_the_fam_region_and_taps_go_to_qemu(bench: Bench) -> None:
     assert started.fam is not None and started.fam.size == 1 << 20
     assert started.fam.path.name == "shared" and started.fam.path.is_file()
     assert len(started.nics) == 2 and bench.agent.handed_out == 2
+    bench.left_nothing(qemu)
+
+
+def test_the_clusters_vnis_go_to_the_agent_with_its_networks(bench: Bench) -> None:
+    vm = vm_plan(0, fake_tiny_boot(), nics=2)
+    spec = dataclasses.replace(cluster_spec(JOB, [vm], user=USER, uid=os.getuid()),
+                               vnis={"cluster": 4242})
+    bench.store.put(KEYS.cluster_spec(USER, JOB), to_json(spec))
+    qemu = FakeQemu(exit_status=1, stderr=("qemu-system-x86_64: stop here",))
+    assert runner(bench, qemu).run() == 1
+    [request] = bench.agent.requests
+    assert [(n.name, n.type, n.mtu, n.vni) for n in request.networks] == [
+        ("cluster", "private", 1450, 4242), ("net1", "private", 1450, None)]
     bench.left_nothing(qemu)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -112,6 +112,15 @@ class ClusterPlan:
         """(address, name) of every VM on its first network, for /etc/hosts."""
         return [(vm.nics[0].address.split("/")[0], vm.name) for vm in self.vms if vm.nics]
 
+    def private_networks(self) -> list[str]:
+        """The networks the VMs' NICs are on that tunnel between hosts (each needs a VNI),
+        in order of first use."""
+        # NetworkKind says nothing of tunnels yet: ``private`` is the one type that has them.
+        from vcluster.networks.private import KIND as PRIVATE
+
+        names = [nic.network for vm in self.vms for nic in vm.nics if nic.type == PRIVATE.name]
+        return list(dict.fromkeys(names))
+
 
 @dataclass(frozen=True)
 class ClusterSpec:
@@ -124,6 +133,7 @@ class ClusterSpec:
     created: float
     ssh_public_key: str
     plan: ClusterPlan
+    vnis: dict[str, int] = field(default_factory=dict)  # private network -> its VXLAN id
 
 
 def mac_address(job: str, vm: int, nic: int) -> str:

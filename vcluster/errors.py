@@ -83,6 +83,11 @@ class ResourceError(VclusterError):
     """A job's device, FAM region, directory or undo log on a host could not be made or used."""
 
 
+class TunnelError(ResourceError):
+    """A job's private network cannot be joined to its other hosts here (VXLAN, underlay,
+    source filter); the message names the host and the reason."""
+
+
 class CredentialsError(VclusterError):
     """Store credentials for a local user could not be issued."""
 

@@ -1,4 +1,4 @@
-"""Test doubles for the agent's seams: a host's devices, SLURM and a store that goes away.
+"""Test doubles for the agent's seams: a host's devices and firewall, SLURM, a store that goes away.
 
 Each keeps what it was asked in memory and answers as the real one would, so
 ``Jobs``, the reconcile pass and the service run in tests without root,
@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from vcluster.agent.firewall import SourceFilter, job_of_table, table_name
+from vcluster.agent.netdev import Vxlan
 from vcluster.agent.peer import JobInfo
 from vcluster.agent.protocol import failed
 from vcluster.config.batch import StoreConfig
@@ -20,17 +22,27 @@ from vcluster.store.base import Store
 
 @dataclass
 class Link:
-    kind: str  # "bridge" or "tap"
+    kind: str  # "bridge", "tap", "vxlan", or "ether" (a host interface)
     mtu: int
     master: str | None = None
+    vxlan: Vxlan | None = None  # a VXLAN device's settings and flood entries
+    addresses: tuple[str, ...] = ()  # IPv4 addresses
 
 
 @dataclass
 class FakeDevices:
-    """A host's bridges and taps, in memory (``netdev.Devices``); taps open /dev/null."""
+    """A host's interfaces, bridges, taps and VXLANs, in memory (``netdev.Devices``).
+
+    Taps open /dev/null.  The host has one underlay interface, ``eth0``
+    (``address``, MTU ``underlay_mtu``), unless ``underlay`` is set to None.
+    """
 
     links: dict[str, Link] = field(default_factory=dict)
     opened: list[int] = field(default_factory=list)  # fds handed out (the caller closes them)
+
+    def add_interface(self, name: str, mtu: int, *addresses: str) -> None:
+        """A host interface (not the agent's) with ``addresses``."""
+        self.links[name] = Link("ether", mtu, addresses=addresses)
 
     def ensure_bridge(self, name: str, mtu: int) -> None:
         link = self.links.setdefault(name, Link("bridge", mtu))
@@ -45,6 +57,29 @@ class FakeDevices:
         if link.kind != "tap":
             raise ResourceError(f"{name} exists and is not a tap; remove it")
         link.mtu, link.master = mtu, bridge
+
+    def ensure_vxlan(self, name: str, vxlan: Vxlan, bridge: str) -> None:
+        if self.links.get(bridge, Link("none", 0)).kind != "bridge":
+            raise ResourceError(f"bridge {bridge} is missing")
+        link = self.links.setdefault(name, Link("vxlan", vxlan.mtu, bridge, vxlan))
+        if link.kind != "vxlan" or link.vxlan is None:
+            raise ResourceError(f"{name} exists and is not a VXLAN device; remove it")
+        have = (link.vxlan.vni, link.vxlan.local, link.vxlan.port)
+        if have != (vxlan.vni, vxlan.local, vxlan.port):
+            raise ResourceError(f"{name} exists with VXLAN id {have[0]}, local {have[1]}, "
+                                f"port {have[2]}, not {vxlan.vni}, {vxlan.local}, {vxlan.port}; "
+                                "remove it")
+        link.mtu, link.master, link.vxlan = vxlan.mtu, bridge, vxlan
+
+    def interface_ipv4(self, name: str) -> list[str] | None:
+        link = self.links.get(name)
+        return None if link is None else list(link.addresses)
+
+    def underlay_of(self, address: str) -> tuple[str, int] | None:
+        for name, link in sorted(self.links.items()):
+            if address in link.addresses:
+                return name, link.mtu
+        return None
 
     def open_tap(self, name: str) -> int:
         if self.links.get(name, Link("none", 0)).kind != "tap":
@@ -64,6 +99,33 @@ class FakeDevices:
 
     def links_with_prefix(self, *prefixes: str) -> list[str]:
         return sorted(n for n in self.links if n.startswith(prefixes))
+
+
+@dataclass
+class FakeFirewall:
+    """A host's nftables, in memory (``firewall.Firewall``): the tables and their filters.
+
+    ``others`` are tables that are not the agent's (a site's own rules); ``broken``:
+    every change fails as nftables would refuse it.
+    """
+
+    filters: dict[str, dict[int, SourceFilter]] = field(default_factory=dict)  # table: index
+    others: set[str] = field(default_factory=set)
+    broken: bool = False
+
+    def ensure_filter(self, job: str, flt: SourceFilter) -> None:
+        if self.broken:
+            raise ResourceError(f"cannot filter the tunnel of network {flt.network!r}: "
+                                "nftables says: Operation not permitted")
+        self.filters.setdefault(table_name(job), {})[flt.index] = flt
+
+    def remove_table(self, name: str) -> bool:
+        if job_of_table(name) is None:
+            raise ResourceError(f"nftables table {name} is not a job's; not removing it")
+        return self.filters.pop(name, None) is not None
+
+    def tables(self) -> list[str]:
+        return sorted(self.filters)
 
 
 @dataclass
@@ -97,6 +159,11 @@ class FakeSlurm:
         self.asked += 1
         self._check()
         return None if self.holding is None else set(self.holding)
+
+    def hostnames(self, nodelist: str) -> list[str]:
+        """A node list written out (``h1,h2``): the fake expands no brackets."""
+        self._check()
+        return [n for n in nodelist.split(",") if n]
 
     def run(self, info: JobInfo, pids: Iterable[int] = ()) -> None:
         """``info`` runs on this node (and ``pids`` are its processes)."""

@@ -5,11 +5,12 @@ directory every user can read that holds this file and the part of vcluster
 the agent's client needs (``tests/support_agent.job_tool`` copies both), so
 ``vcluster`` below is that copy.  PLAN is a JSON list of steps:
 
-- ``{"vm": I, "networks": [{name, type, mtu}], "fam": {name, size} | null,
-  "keep": bool}``: vm-resources through the client (``keep``: hold the taps
-  open until the end);
+- ``{"vm": I, "networks": [{name, type, mtu, vni}], "fam": {name, size} |
+  null, "keep": bool}``: vm-resources through the client (``keep``: hold the
+  taps open until the end);
 - ``{"op": "ping" | "credentials" | "status" | "prolog" | "release", "job":
-  J, "user": U}``: that call of the client;
+  J, "user": U}``: that call of the client; ``{"op": "vnis", "networks":
+  [...]}``: the job's VXLAN ids (JOB of the command line);
 - ``{"raw": {...}}``: the object sent as it is, for requests the client
   would never build.
 
@@ -72,8 +73,10 @@ def described(dev: VmDevices) -> dict[str, Any]:
     return {"taps": taps, "fam": fam, "workdir": str(dev.workdir), "pid": os.getpid()}
 
 
-def call(client: AgentClient, step: dict[str, Any]) -> object:
+def call(client: AgentClient, step: dict[str, Any], job: str) -> object:
     op = step["op"]
+    if op == "vnis":
+        return client.vnis(job, step["networks"])
     if op == "ping":
         return client.ping()
     if op == "credentials":
@@ -97,7 +100,8 @@ def main(socket_path: str, job: str, plan: list[dict[str, Any]]) -> None:
                 results.append(raw(socket_path, step["raw"]))
                 continue
             if "op" in step:
-                results.append(codec.to_data(call(client, step)))
+                answer = call(client, step, job)
+                results.append(answer if isinstance(answer, dict) else codec.to_data(answer))
                 continue
             networks = [codec.from_data(NetworkSpec, n) for n in step["networks"]]
             fam = None if step.get("fam") is None else codec.from_data(FamSpec, step["fam"])

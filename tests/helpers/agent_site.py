@@ -1,9 +1,11 @@
 """An agent's host for tests, without root: a site policy, fake devices and SLURM, a MemoryStore.
 
 ``AgentHost`` builds ``Jobs`` exactly as ``vcluster-agent serve`` does, but
-over a temporary layout, ``FakeDevices``, ``FakeSlurm`` and a
-``MemoryStore`` behind a switchable opener; the job belongs to the test's
+over a temporary layout, ``FakeDevices``, ``FakeFirewall``, ``FakeSlurm`` and
+a ``MemoryStore`` behind a switchable opener; the job belongs to the test's
 own uid, so chown and the ownership checks work as a normal user.
+``tunnel_hosts`` makes several such hosts on one store, registered, each with
+an underlay ``eth0``, for networks that span hosts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers.agent_fakes import FakeDevices, FakeSlurm, Opener
+from tests.helpers.agent_fakes import FakeDevices, FakeFirewall, FakeSlurm, Opener
+from vcluster.agent import vnis
 from vcluster.agent.jobs import Jobs, Settings
 from vcluster.agent.peer import JobInfo
 from vcluster.agent.policy import load_policy
@@ -27,6 +30,7 @@ from vcluster.config.batch import StoreConfig
 from vcluster.hostpaths import HostLayout
 from vcluster.store.keys import Keys
 from vcluster.store.memory import MemoryStore
+from vcluster.store.records import HostRecord, to_json
 
 NODE = "unit"
 PREFIX = "/vcluster"
@@ -62,31 +66,87 @@ class AgentHost:
     devices: FakeDevices = field(default_factory=FakeDevices)
     slurm: FakeSlurm = field(default_factory=FakeSlurm)
     store: MemoryStore = field(default_factory=MemoryStore)
+    firewall: FakeFirewall = field(default_factory=FakeFirewall)
+    node: str = NODE
+    networks: str | None = None  # networks.yaml instead of write_site's
 
     def __post_init__(self) -> None:
+        self.names: dict[str, str] = {}  # host name: IPv4 address, for ``resolve``
         self.layout = HostLayout(state=self.root / "state", run=self.root / "run")
         self.opener = Opener(self.store)
         self.keys = Keys(PREFIX)
-        self.policy = load_policy(write_site(self.root / "conf"))
+        site = write_site(self.root / "conf")
+        if self.networks is not None:
+            (site / "networks.yaml").write_text(self.networks)
+        self.policy = load_policy(site)
         self.jobs = self.restart()
 
     def restart(self) -> Jobs:
         """A new agent on this host: nothing in memory, the same devices, files and store."""
         link = StoreLink(StoreConfig(endpoints=("http://127.0.0.1:9",), prefix=PREFIX),
                          opener=self.opener)
-        self.jobs = Jobs(Settings(node=NODE, layout=self.layout), link, self.policy,
-                         self.devices)
+        self.jobs = Jobs(Settings(node=self.node, layout=self.layout), link, self.policy,
+                         self.devices, self.firewall, resolve=self.resolve)
         return self.jobs
 
-    def job(self, job: str, tasks: int = 4, user: str | None = None) -> JobInfo:
+    def resolve(self, name: str) -> str | None:
+        """Names resolve to what ``names`` says (IPv4 literals to themselves)."""
+        if name.replace(".", "").isdigit():
+            return name
+        return self.names.get(name)
+
+    def job(self, job: str, tasks: int = 4, user: str | None = None,
+            nodes: str | None = None) -> JobInfo:
         """A running job of the test's own user, known to the fake SLURM."""
         info = JobInfo(job=job, uid=os.getuid(), user=user or me(), state="RUNNING",
-                       nodes=NODE, tasks=tasks)
+                       nodes=nodes or self.node, tasks=tasks)
         self.slurm.run(info)
         return info
 
     def keys_under(self, prefix: str) -> list[str]:
         return [e.key for e in self.store.get_prefix(prefix)]
+
+
+ADDRESSES = {"h1": "10.199.0.11", "h2": "10.199.0.12", "h3": "10.199.0.13"}
+
+
+def tunnel_site(vni_range: str = "4096-65535", mtu: int = 1450, underlay: str = "") -> str:
+    """networks.yaml: cluster (line 1; its vni-range on line 5), data, nat."""
+    return (f"cluster:\n  type: private\n  subnet: 10.200.0.0/16\n  mtu: {mtu}\n"
+            f"  vni-range: {vni_range}\n{underlay}"
+            "data:\n  type: private\n  subnet: 10.201.0.0/16\n  mtu: 9000\n"
+            "  vni-range: 5000-5999\n  vxlan-port: 4790\n"
+            "nat:\n  type: nat\n  subnet: 10.250.0.0/24\n")
+
+
+def tunnel_hosts(tmp_path: Path, names: tuple[str, ...] = ("h1", "h2"), underlay_mtu: int = 1550,
+          networks: str | None = None, register: bool = True) -> dict[str, AgentHost]:
+    """Agents of ``names`` on one store, each registered with its eth0 address."""
+    store = MemoryStore()
+    out: dict[str, AgentHost] = {}
+    for name in names:
+        host = AgentHost(tmp_path / name, store=store, node=name,
+                         networks=networks or tunnel_site())
+        host.devices.add_interface("eth0", underlay_mtu, ADDRESSES[name])
+        if register:
+            record = HostRecord(name=name, address=ADDRESSES[name], version="test", since=1.0)
+            store.put(host.keys.host(name), to_json(record))
+        out[name] = host
+    return out
+
+
+def job_on(all_hosts: dict[str, AgentHost], job: str, tasks: int = 2) -> JobInfo:
+    """A job holding every host of ``all_hosts``, known to each one's SLURM."""
+    nodes = ",".join(all_hosts)
+    infos = [h.job(job, tasks=tasks, nodes=nodes) for h in all_hosts.values()]
+    return infos[0]
+
+
+def take_vnis(host: AgentHost, job: str, *networks: str) -> dict[str, int]:
+    """The job's VXLAN ids of ``networks``, as the ``vnis`` request takes them."""
+    store = host.jobs.link.get()
+    return vnis.take_all(store, host.keys, host.policy, job, me(), networks)
+
 
 
 @contextlib.contextmanager

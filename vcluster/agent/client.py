@@ -13,6 +13,9 @@ and answers are the protocol's dataclasses::
     res.fam.path, res.fam.size          # the job's FAM region file (0600, the job's user)
     res.workdir                         # the job's work directory here (the user's, 0700)
     client.credentials()                # CredentialsAnswer: etcd user, password, prefix...
+    client.vnis("123", ["cluster"])     # {"cluster": 4711}: the job's VXLAN ids (the
+                                        # launcher, on the login node); then
+                                        # NetworkSpec("cluster", "private", vni=4711)
 
 A refusal raises AgentError (``code`` is a protocol.Code: denied,
 bad-request, failed, unsupported-version, or busy: too many connections at
@@ -179,6 +182,10 @@ class AgentClient:
         taps = tuple(Tap(network=t.network, ifname=t.ifname, mac=t.mac, fd=fd)
                      for t, fd in zip(answer.taps, fds, strict=True))
         return VmDevices(taps=taps, fam=answer.fam, workdir=answer.workdir)
+
+    def vnis(self, job: str, networks: Sequence[str]) -> dict[str, int]:
+        """The VXLAN id of each private network of ``job`` (taken once, then the same)."""
+        return self.call(p.Vnis(job=job, networks=tuple(networks)), p.VnisAnswer).vnis
 
     def credentials(self) -> CredentialsAnswer:
         return self.call(p.Credentials(), CredentialsAnswer)

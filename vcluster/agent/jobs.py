@@ -13,24 +13,34 @@ prolog time and no runner reached it, and the launcher was killed); when the
 store cannot be reached then, it leaves an undo log holding just those keys,
 so the reconcile pass deletes them later.
 
+A network naming a VXLAN id is joined to the job's other hosts: the id must
+be the job's in the store (``vnis.check``), the plan (peers, addresses,
+underlay MTU: ``tunnel.plan``) must stand before anything is made, and then,
+in this order, the job's nftables filter (``firewall``), so the tunnel never
+accepts strangers, and the VXLAN device with its forwarding entries, each
+recorded in the undo log first.  A network this host cannot build is
+published as the host's failed setup (``jobs/<job>/hosts/<host>/setup``),
+for the launcher to show, and refused with the same message; it stays
+failed for the job (a later request that works does not hide it).
+
 The host's network devices come through a ``netdev.Devices`` (the real
-``netdev.Netlink`` in the agent) and every path through the settings'
-``HostLayout``, so all of this runs in tests without root.
+``netdev.Netlink`` in the agent), its packet filter through a
+``firewall.Firewall`` (``firewall.Nftables``), and every path through the
+settings' ``HostLayout``, so all of this runs in tests without root.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vcluster.agent import fam, netdev, undo, workdir
+from vcluster.agent import fam, firewall, netdev, tunnel, undo, vnis, workdir
 from vcluster.agent.peer import JobInfo
 from vcluster.agent.policy import Policy
 from vcluster.agent.protocol import (
@@ -47,8 +57,9 @@ from vcluster.agent.protocol import (
     failed,
 )
 from vcluster.agent.registration import StoreLink
+from vcluster.agent.tunnel import TunnelPlan
 from vcluster.agent.undo import JobLog, Kind, UndoEntry
-from vcluster.errors import ResourceError, StoreError
+from vcluster.errors import ResourceError, StoreError, TunnelError
 from vcluster.hostpaths import HostLayout
 from vcluster.store.base import Delete, value_is
 from vcluster.store.records import HostSetup, JobOwner, SetupState, to_json
@@ -68,11 +79,14 @@ class Jobs:
     """The jobs on this host and their resources."""
 
     def __init__(self, settings: Settings, link: StoreLink, policy: Policy,
-                 devices: netdev.Devices) -> None:
+                 devices: netdev.Devices, packet_filter: firewall.Firewall,
+                 resolve: tunnel.Resolver = tunnel.resolve_ipv4) -> None:
         self.settings = settings
         self.link = link
         self.policy = policy
         self.devices = devices
+        self.firewall = packet_filter
+        self.resolve = resolve
         self._locks: dict[str, tuple[threading.Lock, int]] = {}  # job: (lock, users)
         self._locks_lock = threading.Lock()
 
@@ -135,6 +149,15 @@ class Jobs:
         job_log.published = True
         job_log.save()
 
+    def _publish_failure(self, job: str, message: str) -> None:
+        """This host cannot set the job up: say why where the launcher looks (best effort)."""
+        keys = self.link.keys
+        try:
+            self.link.get().put(keys.job_host_setup(job, self.settings.node),
+                                to_json(HostSetup(SetupState.FAILED, error=message)))
+        except StoreError as e:
+            log.warning("job %s: cannot record its failed setup in the store: %s", job, e)
+
     def prolog(self, info: JobInfo) -> PrologAnswer:
         with self.locked(info.job):
             job_log = self._open_log(info)
@@ -157,10 +180,70 @@ class Jobs:
             self.policy.check_fam_size(request.fam.name, request.fam.size)
         return mtus
 
-    def vm_resources(self, request: VmResources, info: JobInfo,
-                     gid: int) -> tuple[VmResourcesAnswer, list[int]]:
-        """The VM's taps (their open fds beside the answer), FAM region and work directory."""
+    def plan_tunnels(self, request: VmResources, hosts: Sequence[str]) -> dict[str, TunnelPlan]:
+        """The tunnels of the request's networks that name a VXLAN id, planned, nothing made.
+
+        ``hosts``: the job's hosts, from SLURM.  Denied unless each id is the
+        job's in the store; a TunnelError (published as this host's failed
+        setup) if this host cannot build one.
+        """
+        wanted = [(i, n) for i, n in enumerate(request.networks) if n.vni is not None]
+        if not wanted:
+            return {}
+        keys = self.link.keys
+        try:
+            store = self.link.get()
+        except StoreError as e:
+            raise StoreError(f"cannot check the VXLAN ids of job {request.job}: the store "
+                             f"cannot be reached ({e})") from e
+        plans: dict[str, TunnelPlan] = {}
+        records = None
+        for i, net in wanted:
+            assert net.vni is not None
+            site = self.policy.tunnel(net.name, f"networks[{i}].name: ")
+            vnis.check(store, keys, request.job, net.name, net.vni)
+            try:
+                if records is None:
+                    records = tunnel.read_hosts(store, keys, hosts)
+                plans[net.name] = tunnel.plan(site, net.vni, request.job, self.settings.node,
+                                              hosts, records, self.devices, self.resolve)
+            except (StoreError, ResourceError) as e:  # TunnelError too
+                raise self._cannot_build(request.job, e) from e
+        return plans
+
+    def _cannot_build(self, job: str, error: Exception) -> TunnelError:
+        """``error`` as this host's failed setup of ``job``: published, and to be raised."""
+        message = str(error)
+        node = self.settings.node
+        if not message.startswith(f"{node}: "):
+            message = f"{node}: {message}"
+        self._publish_failure(job, message)
+        return TunnelError(message)
+
+    def _join(self, job_log: JobLog, index: int, bridge: str, plan: TunnelPlan) -> None:
+        """Join ``bridge`` to the job's other hosts: the source filter, then the VXLAN device."""
+        job = job_log.job
+        try:
+            job_log.record(UndoEntry(Kind.NFT, firewall.table_name(job)))
+            self.firewall.ensure_filter(job, firewall.SourceFilter(
+                network=plan.network, index=index, vni=plan.vni, port=plan.port,
+                sources=plan.sources))
+            name = netdev.vxlan_name(job, index)
+            job_log.record(UndoEntry(Kind.VXLAN, name, network=plan.network, vni=plan.vni))
+            self.devices.ensure_vxlan(name, netdev.Vxlan(vni=plan.vni, local=plan.local,
+                                                         port=plan.port, mtu=plan.mtu,
+                                                         peers=plan.peers), bridge)
+        except ResourceError as e:
+            raise self._cannot_build(job, e) from e
+
+    def vm_resources(self, request: VmResources, info: JobInfo, gid: int,
+                     hosts: Sequence[str] = ()) -> tuple[VmResourcesAnswer, list[int]]:
+        """The VM's taps (their open fds beside the answer), FAM region and work directory.
+
+        ``hosts`` (the job's, from SLURM) matter for networks naming a VXLAN id.
+        """
         mtus = self.check(request, info)
+        plans = self.plan_tunnels(request, hosts)
         layout = self.settings.layout
         fds: list[int] = []
         try:
@@ -176,6 +259,8 @@ class Jobs:
                     bridge = netdev.bridge_name(request.job, index)
                     job_log.record(UndoEntry(Kind.BRIDGE, bridge, network=net.name))
                     self.devices.ensure_bridge(bridge, mtu)
+                    if net.name in plans:
+                        self._join(job_log, index, bridge, plans[net.name])
                     tap = netdev.tap_name(request.job, request.vm, index)
                     job_log.record(UndoEntry(Kind.TAP, tap, vm=request.vm, network=net.name))
                     self.devices.ensure_tap(tap, bridge, mtu)
@@ -196,8 +281,10 @@ class Jobs:
     # -------------------------------------------------------------- releasing
 
     def _undo(self, job_log: JobLog, entry: UndoEntry) -> None:
-        if entry.kind in (Kind.TAP, Kind.BRIDGE):
-            self.devices.remove_link(entry.name)
+        if entry.kind in (Kind.TAP, Kind.BRIDGE, Kind.VXLAN):
+            self.devices.remove_link(entry.name)  # a VXLAN's forwarding entries go with it
+        elif entry.kind is Kind.NFT:
+            self.firewall.remove_table(entry.name)
         elif entry.kind in (Kind.FILE, Kind.DIR):
             fam.remove_path(entry.kind, Path(entry.name))
         elif entry.kind is Kind.TREE:
@@ -217,7 +304,7 @@ class Jobs:
             store.delete_prefix(keys.job_prefix(job))
             store.delete_prefix(keys.cluster_prefix(user, job))
             for entry in store.get_prefix(f"{keys.prefix}/pools/"):
-                if _owned_by(entry.value, job):
+                if vnis.owned_by(entry.value, job):
                     store.txn([value_is(entry.key, entry.value)], [Delete(entry.key)])
         except StoreError as e:
             raise StoreError(f"cannot delete the store keys of job {job}: {e}") from e
@@ -234,13 +321,17 @@ class Jobs:
                 continue
             job_log.forget(entry)
             removed.append(entry.describe())
-        # Devices named for the job that the log does not know (it was edited or lost).
+        # Devices and a table named for the job that the log does not know (edited or lost).
         for name in self._stray_devices(job_log.job):
             try:
                 if self.devices.remove_link(name):
                     removed.append(f"stray device {name}")
             except ResourceError as e:
                 problems.append(str(e))
+        try:
+            removed.extend(self._remove_stray_table(job_log.job))
+        except ResourceError as e:
+            problems.append(str(e))
         if problems:
             raise ResourceError(f"job {job_log.job}: released only in part "
                                 f"({'; '.join(problems)}); the agent's reconcile pass tries "
@@ -253,7 +344,7 @@ class Jobs:
         stray = self._stray_devices(job)
         for name in stray:
             self.devices.remove_link(name)
-        removed = [f"stray device {n}" for n in stray]
+        removed = [f"stray device {n}" for n in stray] + self._remove_stray_table(job)
         if user is None:
             return removed
         try:
@@ -269,9 +360,18 @@ class Jobs:
         return removed  # deleting keys that may not exist is not worth reporting
 
     def _stray_devices(self, job: str) -> list[str]:
-        """The job's devices here, taps first (a bridge goes once its ports are gone)."""
-        bridges, taps = netdev.job_prefixes(job)
-        return self.devices.links_with_prefix(taps) + self.devices.links_with_prefix(bridges)
+        """The job's devices here, ports first (a bridge goes once its ports are gone)."""
+        prefixes = netdev.job_prefixes(job)
+        return (self.devices.links_with_prefix(prefixes.taps)
+                + self.devices.links_with_prefix(prefixes.vxlans)
+                + self.devices.links_with_prefix(prefixes.bridges))
+
+    def _remove_stray_table(self, job: str) -> list[str]:
+        """The job's nftables table, if one is here that its log did not name."""
+        table = firewall.table_name(job)
+        if table in self.firewall.tables() and self.firewall.remove_table(table):
+            return [f"stray nft table inet {table}"]
+        return []
 
     def release(self, job: str, user: str | None = None) -> ReleaseAnswer:
         """Remove everything of ``job`` here (``user``: the job's, said by root)."""
@@ -306,7 +406,8 @@ class Jobs:
 
 def _logged(job_log: JobLog) -> LoggedJob:
     """An undo log as ``status`` reports it."""
-    entries = tuple(LoggedEntry(kind=str(e.kind), name=e.name, vm=e.vm, network=e.network)
+    entries = tuple(LoggedEntry(kind=str(e.kind), name=e.name, vm=e.vm, network=e.network,
+                                vni=e.vni)
                     for e in job_log.entries)
     return LoggedJob(uid=job_log.uid, user=job_log.user, created=job_log.created,
                      published=job_log.published, networks=dict(job_log.networks),
@@ -318,13 +419,3 @@ def _regions(job_log: JobLog) -> set[str]:
     return {Path(e.name).name for e in job_log.entries
             if e.kind is Kind.FILE and Path(e.name).parent.name == "fam"}
 
-
-def _owned_by(value: str, job: str) -> bool:
-    """A pool entry's value names ``job``: the job id, or JSON with "job": id."""
-    if value == job:
-        return True
-    try:
-        data = json.loads(value)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and str(data.get("job")) == job

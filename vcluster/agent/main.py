@@ -17,8 +17,9 @@ site policy the agent enforces, networks.yaml and resources.yaml
 ``serve`` checks at start-up that SLURM knows the node name (``--node``,
 default the short hostname) and refuses to start otherwise: the reconcile
 pass asks SLURM by that name.  A host that runs no SLURM jobs (a login node:
-it serves credentials) says ``--login-node``: no check, no reconcile pass,
-no registration.  ``release --user``
+it serves credentials, and the VXLAN ids of the jobs' private networks to
+their launchers) says ``--login-node``: no check, no reconcile pass, no
+registration.  ``release --user``
 names the job's user (the epilog passes SLURM_JOB_USER), so its cluster
 keys go even when this host has no undo log of the job.  Deliberately argparse, not the
 click CLI: the agent stays small and quick to start.
@@ -53,6 +54,7 @@ def load_config(directory: Path | None) -> BatchConfig:
 
 def serve(config: BatchConfig, directory: Path, node: str | None, interval: float,
           register: bool, login: bool) -> int:
+    from vcluster.agent.firewall import Nftables
     from vcluster.agent.jobs import Jobs, Settings
     from vcluster.agent.netdev import Netlink
     from vcluster.agent.peer import Slurm
@@ -77,8 +79,12 @@ def serve(config: BatchConfig, directory: Path, node: str | None, interval: floa
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     settings = Settings(node=node, layout=layout)
     link = StoreLink(config.store)
-    jobs = Jobs(settings, link, policy, Netlink())
-    registration = Registration(link, node) if register and not login else None
+    devices = Netlink()
+    jobs = Jobs(settings, link, policy, devices, Nftables())
+    registration = None
+    if register and not login:
+        registration = Registration(link, node, interfaces=policy.underlay_interfaces(),
+                                    local_ipv4=devices.interface_ipv4)
     agent = Agent(jobs, slurm, link, registration)
     try:
         server = AgentServer(layout.agent_socket, agent)
@@ -93,7 +99,8 @@ def serve(config: BatchConfig, directory: Path, node: str | None, interval: floa
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("vcluster agent of %s (pid %d) serving on %s; state in %s; %s", node, os.getpid(),
-             server.path, layout.state, "a login node: no reconcile pass" if login else
+             server.path, layout.state,
+             "a login node (credentials and VXLAN ids): no reconcile pass" if login else
              f"reconcile every {interval:g} s")
     if registration is not None:
         registration.start()
@@ -129,8 +136,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--node", help="this host's SLURM node name (default: the short hostname); "
                    "SLURM must know it")
     s.add_argument("--login-node", dest="login", action="store_true",
-                   help="this host runs no SLURM jobs (a login node): serve credentials, no "
-                        "reconcile pass, no registration")
+                   help="this host runs no SLURM jobs (a login node): serve credentials and "
+                        "VXLAN ids, no reconcile pass, no registration")
     s.add_argument("--reconcile-interval", type=float, default=60.0, metavar="SECONDS",
                    help="how often to release resources of jobs SLURM no longer runs "
                         "(default: 60)")
@@ -163,7 +170,8 @@ def _print_status(answer: StatusAnswer) -> None:
         print(f"job {job.job} of {job.log.user} (uid {job.log.uid}):")
         for entry in job.log.entries:
             where = "".join(f" {k}={v}" for k, v in (("vm", entry.vm),
-                                                     ("network", entry.network))
+                                                     ("network", entry.network),
+                                                     ("vni", entry.vni))
                             if v is not None)
             print(f"  {entry.kind:<7} {entry.name}{where}")
 

@@ -4,7 +4,11 @@ The caller is what the kernel says (SO_PEERCRED: pid, uid, gid of the
 process that connected), never what the request says.  Membership is what
 SLURM says: ``scontrol pidinfo PID`` names the job a process belongs to on
 this host (slurmd answers from its process tracking), and ``scontrol show
-job`` names the job's user.  Every SLURM command has a bounded timeout.
+job`` names the job's user.  A job's owner (``prove_owner``) is who SLURM
+says, for requests made outside the job's tasks (the launcher runs on the
+login node, where no slurmd tracks it).  A job's hosts are SLURM's NodeList
+expanded by ``scontrol show hostnames``, never what a caller says.  Every
+SLURM command has a bounded timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from vcluster.run import run
 SLURM_TIMEOUT = 15.0
 # Job states in which a job still holds its nodes (its resources must stay).
 HOLDING_STATES = "R,S,CG,CF,ST,SO,SI,RS"
+# Job states in which a job's launcher may still set it up.
+STARTING_STATES = frozenset({"RUNNING", "CONFIGURING"})
 
 _PIDINFO_RE = re.compile(r"\bJobId=(\d+)")
 _USER_RE = re.compile(r"\bUserId=(\S*)\((\d+)\)")
@@ -74,6 +80,9 @@ class SlurmQueries(Protocol):
     def jobs_holding_node(self) -> set[str] | None:
         """Jobs SLURM runs (or is ending) on this node; None when SLURM cannot tell."""
 
+    def hostnames(self, nodelist: str) -> list[str]:
+        """The host names of a SLURM node list (``h[1-3]``), in SLURM's order."""
+
 
 class Slurm:
     """The SLURM questions the agent asks, through ``scontrol`` and ``squeue``."""
@@ -112,6 +121,16 @@ class Slurm:
         return JobInfo(job=job, uid=int(user.group(2)), user=user.group(1),
                        state=state.group(1), nodes=nodes.group(1) if nodes else "",
                        tasks=int(tasks.group(1)) if tasks else None)
+
+    def hostnames(self, nodelist: str) -> list[str]:
+        """The host names of a SLURM node list (``h[1-3]``), in SLURM's order."""
+        if not nodelist or nodelist == "(null)":
+            return []
+        code, out, err = self._run(["scontrol", "show", "hostnames", nodelist])
+        if code != 0:
+            last = (err.strip().splitlines() or ["no message"])[-1]
+            raise failed(f"scontrol show hostnames {nodelist} failed: {last}")
+        return [line.strip() for line in out.splitlines() if line.strip()]
 
     def check_node(self) -> None:
         """Refuse (VclusterError) unless SLURM knows this agent's node name.
@@ -162,10 +181,27 @@ def prove_member(slurm: SlurmQueries, peer: Peer, job: str, host: str) -> JobInf
     return info
 
 
+def prove_owner(slurm: SlurmQueries, peer: Peer, job: str) -> JobInfo:
+    """The job, if ``peer`` runs as its user (or as root) and it is running or configuring.
+
+    For requests made outside the job's tasks (the launcher, inside salloc on
+    the login node); otherwise a ``denied`` AgentError that says why.
+    """
+    info = slurm.job(job)
+    if info is None:
+        raise denied(f"job {job} is not known to SLURM (any more)")
+    if peer.uid not in (info.uid, 0):
+        raise denied(f"job {job} belongs to uid {info.uid}, not {peer.uid}")
+    if info.state not in STARTING_STATES:
+        raise denied(f"job {job} is {info.state}, not running: its networks are set up "
+                     "only while it starts or runs")
+    return info
+
+
 def require_root(peer: Peer, what: str) -> None:
     if peer.uid != 0:
         raise denied(f"{what} needs root (you are uid {peer.uid})")
 
 
 __all__ = ["JobInfo", "Peer", "Slurm", "SlurmQueries", "peer_of", "prove_member",
-           "require_root"]
+           "prove_owner", "require_root"]

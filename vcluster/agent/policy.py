@@ -15,7 +15,11 @@ user's), read with the project's loaders when the agent starts:
   the loaders' default, 1G); without any resource set there are no regions;
 - a job has at most ``protocol.MAX_REGIONS`` distinct region names on a host;
 - the VM index must be below the job's task count (SLURM's NumTasks; one
-  task per VM), which ``jobs.py`` checks against what SLURM says.
+  task per VM), which ``jobs.py`` checks against what SLURM says;
+- a network joined between hosts (a VXLAN id: the ``vnis`` request, or a
+  VM's network naming one) must be a site network whose type tunnels
+  (``private``): its ``vni-range``, ``vxlan-port`` and underlay
+  (``interface`` or ``interface-suffix``) come from here (``Tunnel``).
 
 Changing these files takes effect when the agent restarts.
 """
@@ -28,6 +32,7 @@ from pathlib import Path
 from vcluster import networks as network_types
 from vcluster.agent.protocol import MAX_REGIONS, NetworkSpec, bad_request, denied
 from vcluster.config.resources import parse_networks, parse_resources
+from vcluster.networks.private import VXLAN_OVERHEAD, PrivateNetwork
 from vcluster.schema.fields import format_size
 from vcluster.schema.source import load_yaml
 
@@ -36,11 +41,30 @@ RESOURCES = "resources.yaml"
 
 
 @dataclass(frozen=True)
+class Tunnel:
+    """How a site network is joined between the hosts of a job (VXLAN)."""
+
+    name: str
+    mtu: int  # the network's (the VMs')
+    vni_range: tuple[int, int]
+    vni_origin: str  # file:line of vni-range (of the network, when it is the default)
+    port: int  # vxlan-port
+    interface: str | None  # the underlay interface on every host, or
+    interface_suffix: str | None  # appended to a host's name to find its tunnel address
+    origin: str  # file:line of the network
+
+    @property
+    def underlay_mtu(self) -> int:
+        return self.mtu + VXLAN_OVERHEAD
+
+
+@dataclass(frozen=True)
 class SiteNetwork:
     name: str
     type: str
     mtu: int
     origin: str  # file:line of its definition
+    tunnel: Tunnel | None = None  # set for the types whose networks span hosts
 
 
 @dataclass(frozen=True)
@@ -79,6 +103,25 @@ class Policy:
                               "the site's; omit mtu or fix the caller's configuration)")
         return site.mtu
 
+    def tunnel(self, name: str, where: str) -> Tunnel:
+        """How site network ``name`` spans hosts; a refusal unless it is one that does."""
+        site = self.networks.get(name)
+        tunneled = sorted(n for n, s in self.networks.items() if s.tunnel is not None)
+        if site is None:
+            raise denied(f"{where}network {name!r} is not defined in "
+                         f"{self.directory / NETWORKS} (networks there that span hosts: "
+                         f"{', '.join(tunneled) or 'none'})")
+        if site.tunnel is None:
+            raise denied(f"{where}network {name!r} is a {site.type} network ({site.origin}), "
+                         "which does not span hosts: it has no VXLAN id (networks that do: "
+                         f"{', '.join(tunneled) or 'none'})")
+        return site.tunnel
+
+    def underlay_interfaces(self) -> list[str]:
+        """The interfaces networks.yaml names as tunnel underlays (``interface``)."""
+        return sorted({s.tunnel.interface for s in self.networks.values()
+                       if s.tunnel is not None and s.tunnel.interface is not None})
+
     def check_fam_size(self, name: str, size: int) -> None:
         if self.fam_max == 0:
             raise denied(f"fam.size: this site allows no FAM regions ({self.fam_max_from})")
@@ -101,7 +144,14 @@ def load_policy(directory: Path) -> Policy:
     sets = parse_resources(load_yaml(res_path) if res_path.is_file() else None, networks)
     site: dict[str, SiteNetwork] = {}
     for name, net in networks.items():
-        site[name] = SiteNetwork(name=name, type=net.type, mtu=net.mtu, origin=str(net.origin))
+        tunnel = None
+        if isinstance(net, PrivateNetwork):
+            tunnel = Tunnel(name=name, mtu=net.mtu, vni_range=net.vni_range,
+                            vni_origin=str(net.vni_origin or net.origin), port=net.vxlan_port,
+                            interface=net.interface, interface_suffix=net.interface_suffix,
+                            origin=str(net.origin))
+        site[name] = SiteNetwork(name=name, type=net.type, mtu=net.mtu, origin=str(net.origin),
+                                 tunnel=tunnel)
     fam_max, fam_from = 0, f"{res_path} defines no resource set"
     for rset in sets.values():
         if rset.fam_max_size > fam_max:

@@ -26,6 +26,15 @@ request -> answer.
   must be below the job's task count; a FAM region may not exceed the
   largest ``fam.max-size`` in resources.yaml; a job has at most
   ``MAX_REGIONS`` region names per host.
+  A network with a ``vni`` is joined to the job's other hosts: the VNI must
+  be the one the agents took for the job's network (``vnis``); the agent
+  adds a VXLAN device with forwarding entries towards every other host of
+  the job (from SLURM) and a filter that accepts the VNI's packets only from
+  them.
+- ``vnis`` (the job's user, or root; the job running or configuring):
+  ``Vnis`` -> ``VnisAnswer``, a VXLAN id per named private network, taken
+  from the network's ``vni-range`` by compare-and-swap in the store (the
+  same ids again when asked again); served by login-node agents too.
 - ``credentials`` (any local user): ``Credentials`` -> ``CredentialsAnswer``.
 - ``prolog`` (root): ``Prolog`` -> ``PrologAnswer``; ``release`` (root):
   ``Release`` -> ``ReleaseAnswer`` (``user``, the job's from the epilog's
@@ -61,6 +70,7 @@ MAX_VM = 36**3 - 1  # three base-36 digits in device names
 MIN_FAM = 4096
 MAX_REGIONS = 8  # distinct FAM region names per job and host (each is host memory)
 MIN_MTU, MAX_MTU = 68, 65535
+VNI_MIN, VNI_MAX = 1, (1 << 24) - 1  # VXLAN ids are 24 bits
 
 _JOB_RE = re.compile(r"^[0-9]{1,10}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -139,6 +149,19 @@ def _check_name(name: str, where: str) -> None:
                               "starting with a letter or digit, at most 64)")
 
 
+def _check_vni(vni: int, where: str) -> None:
+    if not VNI_MIN <= vni <= VNI_MAX:
+        raise _invalid(where, f"{vni} is out of range (expected a VXLAN id, {VNI_MIN} to "
+                              f"{VNI_MAX})")
+
+
+def _check_networks(names: list[str], where: str) -> None:
+    if len(names) > MAX_NETWORKS:
+        raise _invalid(where, f"{len(names)} networks (expected at most {MAX_NETWORKS})")
+    if len(set(names)) != len(names):
+        raise _invalid(where, f"a name appears twice in {names} (expected each network once)")
+
+
 # ------------------------------------------------------------------ requests
 
 
@@ -149,6 +172,7 @@ class NetworkSpec:
     name: str
     type: str  # a type of vcluster.networks; the agent's policy says which it makes
     mtu: int | None = None  # None: the site's; the agent never uses another
+    vni: int | None = None  # the job's VXLAN id of this network (``vnis``); None: no tunnel
 
     def validate(self, where: str) -> None:
         _check_name(self.name, f"{where}.name")
@@ -158,6 +182,8 @@ class NetworkSpec:
         if self.mtu is not None and not MIN_MTU <= self.mtu <= MAX_MTU:
             raise _invalid(f"{where}.mtu", f"{self.mtu} is out of range (expected {MIN_MTU} "
                                            f"to {MAX_MTU})")
+        if self.vni is not None:
+            _check_vni(self.vni, f"{where}.vni")
 
 
 @dataclass(frozen=True)
@@ -194,17 +220,26 @@ class VmResources:
         _check_job(self.job)
         if not 0 <= self.vm <= MAX_VM:
             raise _invalid("vm", f"{self.vm} is out of range (expected 0 to {MAX_VM})")
-        if len(self.networks) > MAX_NETWORKS:
-            raise _invalid("networks", f"{len(self.networks)} networks (expected at most "
-                                       f"{MAX_NETWORKS})")
+        _check_networks([n.name for n in self.networks], "networks")
         for i, net in enumerate(self.networks):
             net.validate(f"networks[{i}]")
-        names = [n.name for n in self.networks]
-        if len(set(names)) != len(names):
-            raise _invalid("networks", f"a name appears twice in {names} (expected each "
-                                       "network once)")
         if self.fam is not None:
             self.fam.validate("fam")
+
+
+@dataclass(frozen=True)
+class Vnis:
+    """The job's VXLAN ids of its private ``networks`` (names from networks.yaml)."""
+
+    op: ClassVar[str] = "vnis"
+    job: str
+    networks: tuple[str, ...]
+
+    def validate(self) -> None:
+        _check_job(self.job)
+        _check_networks(list(self.networks), "networks")
+        for i, name in enumerate(self.networks):
+            _check_name(name, f"networks[{i}]")
 
 
 @dataclass(frozen=True)
@@ -245,8 +280,9 @@ class Status:
         pass
 
 
-Request = Ping | VmResources | Credentials | Prolog | Release | Status
-_REQUESTS: tuple[type[Request], ...] = (Ping, VmResources, Credentials, Prolog, Release, Status)
+Request = Ping | VmResources | Vnis | Credentials | Prolog | Release | Status
+_REQUESTS: tuple[type[Request], ...] = (Ping, VmResources, Vnis, Credentials, Prolog, Release,
+                                        Status)
 OPS: dict[str, type[Request]] = {cls.op: cls for cls in _REQUESTS}
 
 
@@ -311,6 +347,11 @@ class VmResourcesAnswer:
 
 
 @dataclass(frozen=True)
+class VnisAnswer:
+    vnis: dict[str, int]  # network name: the job's VXLAN id of it
+
+
+@dataclass(frozen=True)
 class CredentialsAnswer:
     user: str  # the etcd user
     password: str = field(repr=False)
@@ -333,12 +374,14 @@ class ReleaseAnswer:
 
 @dataclass(frozen=True)
 class LoggedEntry:
-    """One thing a job's undo log names: ``kind`` is bridge, tap, dir, file, tree or store."""
+    """One thing a job's undo log names: ``kind`` is bridge, tap, vxlan, nft, dir, file,
+    tree or store."""
 
     kind: str
     name: str
     vm: int | None = None
     network: str | None = None
+    vni: int | None = None  # a vxlan device's VXLAN id
 
 
 @dataclass(frozen=True)
@@ -374,8 +417,8 @@ class StatusAnswer:
     jobs: tuple[JobStatus, ...]
 
 
-Answer = (PingAnswer | VmResourcesAnswer | CredentialsAnswer | PrologAnswer | ReleaseAnswer
-          | StatusAnswer)
+Answer = (PingAnswer | VmResourcesAnswer | VnisAnswer | CredentialsAnswer | PrologAnswer
+          | ReleaseAnswer | StatusAnswer)
 
 
 # ------------------------------------------------------------------ replies

@@ -5,6 +5,11 @@ is opened on first use and again after a failure, and the registration
 thread retries (logging each failure) until it holds a lease, then keeps the
 lease alive and registers again if it is lost.  None of this stops the agent
 from serving local requests.
+
+The record says where other hosts reach this one: ``address``, its address
+towards the store, and, for each underlay interface networks.yaml names
+(``interface``), that interface's IPv4 address, so peers send a tunnel's
+packets to the same address this host sends them from.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from vcluster import __version__
@@ -89,9 +94,12 @@ class Registration:
     """Keeps ``hosts/<host>`` in the store while the agent runs."""
 
     def __init__(self, link: StoreLink, host: str, retry: float = RETRY,
-                 ttl: int = LEASE_TTL) -> None:
+                 ttl: int = LEASE_TTL, interfaces: Sequence[str] = (),
+                 local_ipv4: Callable[[str], list[str] | None] | None = None) -> None:
         self.link = link
         self.host = host
+        self.interfaces = tuple(interfaces)
+        self.local_ipv4 = local_ipv4
         self.retry = retry
         self.ttl = ttl
         self.registered = threading.Event()
@@ -108,7 +116,7 @@ class Registration:
         address = underlay_address(self.link.config)
         lease = store.grant(self.ttl)
         record = HostRecord(name=self.host, address=address, version=__version__,
-                            since=time.time())
+                            since=time.time(), interfaces=self._interface_addresses())
         store.put(self.link.keys.host(self.host), to_json(record), lease=lease)
         self._lease = lease
         self._lost.clear()
@@ -123,6 +131,23 @@ class Registration:
         if self._lost.is_set():
             self.registered.clear()
             log.warning("the store lease of %s was lost; registering again", self.host)
+
+    def _interface_addresses(self) -> dict[str, str]:
+        """The first IPv4 address of each underlay interface here (those that have one)."""
+        out: dict[str, str] = {}
+        for name in self.interfaces:
+            try:
+                found = self.local_ipv4(name) if self.local_ipv4 is not None else None
+            except VclusterError as e:
+                log.warning("cannot read the address of interface %s: %s", name, e)
+                continue
+            if found:
+                out[name] = found[0]
+            else:
+                log.warning("underlay interface %s (networks.yaml) has no IPv4 address on %s; "
+                            "peers will use %s's registered address", name, self.host,
+                            self.host)
+        return out
 
     def _run(self) -> None:
         failures = 0

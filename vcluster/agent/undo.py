@@ -1,13 +1,18 @@
 """The per-job undo log: ``<directories.state>/jobs/<job>/undo.json``.
 
-Everything the agent makes for a job (bridge, tap, directory, file, store
-keys) is appended here *before* it is made, and the file is replaced
+Everything the agent makes for a job (bridge, tap, VXLAN device, nftables
+table, directory, file, store keys) is appended here *before* it is made, and the file is replaced
 atomically (``files.write_atomically``), so a crash at any point leaves a
 log that names everything that may exist.  Releasing walks the log backwards
 and drops each entry once its thing is gone (a thing that was never made, or
 is gone already, counts as gone), so release is idempotent and can resume
 after a crash.  The log also keeps the job's owner and the index given to
 each of its private networks (device names use the index).
+
+A VXLAN device's forwarding entries (one per other host of the job) are not
+entries of their own: they are part of the device, and deleting the device
+deletes them.  The nftables table (``inet vcluster_job_<job>``) is one
+entry, whatever chains and counters it holds for the job's networks.
 
 The file is a ``LogFile`` written and read by ``vcluster.codec``: an unknown
 field or a wrong type is refused naming the file and the field path, since
@@ -34,6 +39,8 @@ FORMAT = 1
 class Kind(StrEnum):
     BRIDGE = "bridge"  # name: interface
     TAP = "tap"  # name: interface
+    VXLAN = "vxlan"  # name: interface (its forwarding entries go with it)
+    NFT = "nft"  # name: an nftables table of family inet, with all it holds
     DIR = "dir"  # name: absolute path (removed if empty of what we made)
     FILE = "file"  # name: absolute path
     TREE = "tree"  # name: absolute path of a directory removed with all it holds
@@ -49,10 +56,13 @@ class UndoEntry:
     name: str
     vm: int | None = None
     network: str | None = None
+    vni: int | None = None  # a vxlan device's VXLAN id
 
     def describe(self) -> str:
         if self.kind is Kind.STORE:
             return f"store keys (user {self.name})"
+        if self.kind is Kind.NFT:
+            return f"nft table inet {self.name}"
         return f"{self.kind} {self.name}"
 
 

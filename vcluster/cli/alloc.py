@@ -11,6 +11,11 @@ Every other option is passed to salloc as it is (-p PARTITION, -t TIME,
 --mem=SIZE, -w NODES, -N NODES, -J NAME, ...); each VM is one SLURM task with
 -c CPUs (its vCPUs, unless the template sets vcpus).
 
+VMs naming the same FAM region run on one host (a region is memory of one
+host); the other VMs go where SLURM would put them. A FAM group that fits on
+no host of the allocation is refused before anything boots, with what each
+host has: ask for more CPUs per node (e.g. --ntasks-per-node=N).
+
 Everything is checked before anything is submitted. Progress is shown per VM
 until all are ready; if one fails, its reason and the last lines of its
 console are printed, the cluster is stopped and alloc exits non-zero. In the

@@ -2,7 +2,9 @@
 
 A build is identified by a content hash of the flattened recipe, its overlay
 files, the resolved package versions and the builder's own code; when the
-newest revision of the image has the same hash the build is skipped.
+newest revision of the image has the same hash the build is skipped.  For an
+initramfs the resolved packages include the listed packages' run-time
+dependencies (``depends``), so a new dependency or version rebuilds it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import json
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vcluster.errors import ImageError
-from vcluster.images import packages
+from vcluster.images import depends, packages
 from vcluster.images.context import BuildContext
 from vcluster.images.progress import Progress
 from vcluster.images.recipe import Recipe
@@ -24,7 +26,8 @@ from vcluster.images.repo import Image, ImageInfo, Repository, parse_ref
 from vcluster.rootdirs import not_root_only
 from vcluster.run import run
 
-_BUILDER_SOURCES = ("build.py", "context.py", "disk.py", "initramfs.py", "packages.py")
+_BUILDER_SOURCES = ("build.py", "context.py", "depends.py", "disk.py", "initramfs.py",
+                    "loader.py", "packages.py")
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,40 @@ def _overlay_digest(h: hashlib._Hash, overlay: Path) -> None:
             h.update(b"\0")
 
 
-def resolve_packages(recipe: Recipe) -> dict[str, str]:
-    """The package versions the build will install, as this host's apt sees them."""
+@dataclass(frozen=True)
+class PackageSet:
+    """What a build installs: package -> version, and the dependencies it leaves out."""
+
+    versions: dict[str, str]
+    left_out: dict[str, str] = field(default_factory=dict)  # package -> who wanted it
+
+
+def resolve_packages(recipe: Recipe) -> PackageSet:
+    """The package versions the build will install, as this host's apt sees them.
+
+    A disk lists the recipe's packages (debootstrap resolves the rest and
+    records it in packages.txt); an initramfs gets the kernel image package
+    first, then the recipe's packages with their run-time dependencies.
+    """
     names = list(recipe.packages)
+    if recipe.kind != "initramfs":
+        return PackageSet(packages.versions(names))
+    kernel, version = packages.kernel_package(recipe.kernel)
+    resolution = depends.closure(names, recipe.exclude)
+    return PackageSet({kernel: version, **packages.versions(resolution.packages)},
+                      resolution.left_out)
+
+
+def describe_packages(recipe: Recipe, resolved: PackageSet) -> str:
+    """``3 packages listed, 12 with their dependencies; left out: adduser (for iperf3)``."""
+    count = len(resolved.versions) - (1 if recipe.kind == "initramfs" else 0)
+    text = f"{len(recipe.packages)} packages listed"
     if recipe.kind == "initramfs":
-        kernel, version = packages.kernel_package(recipe.kernel)
-        return {kernel: version, **packages.versions(names)}
-    return packages.versions(names)
+        text += f", {count} with their dependencies"
+    if resolved.left_out:
+        text += "; left out: " + ", ".join(f"{name} (for {by})"
+                                            for name, by in resolved.left_out.items())
+    return text
 
 
 def content_hash(recipe: Recipe, resolved: dict[str, str]) -> str:
@@ -102,7 +132,8 @@ def build_image(recipe: Recipe, repo: Repository, *, name: str | None = None,
                          "repository, then copy the revision)")
     progress.step(f"recipe {recipe.name} ({recipe.kind}): resolving package versions")
     resolved = resolve_packages(recipe)
-    digest = content_hash(recipe, resolved)
+    progress.step(describe_packages(recipe, resolved))
+    digest = content_hash(recipe, resolved.versions)
     latest = repo.get(name)
     if latest is not None and latest.info.content_hash == digest and not force:
         progress.step(f"{latest.ref} is up to date (same recipe and packages): reused")
@@ -115,7 +146,8 @@ def build_image(recipe: Recipe, repo: Repository, *, name: str | None = None,
         work = Path(out.parent / f".work-{out.name.lstrip('.')}")
         work.mkdir()
         try:
-            ctx = BuildContext(recipe=recipe, out=out, work=work, cache=cache, progress=progress)
+            ctx = BuildContext(recipe=recipe, out=out, work=work, cache=cache, progress=progress,
+                               packages=resolved.versions)
             files = build_disk(ctx) if recipe.kind == "disk" else build_initramfs(ctx)
         finally:
             progress.step("removing the build root")
@@ -123,7 +155,8 @@ def build_image(recipe: Recipe, repo: Repository, *, name: str | None = None,
         info = ImageInfo(
             name=name, kind=recipe.kind, files=files, recipe=recipe.name,
             content_hash=digest, parent=None, append=recipe.append,
-            extra={"packages": resolved, "recipe_files": [str(p) for p in recipe.files]},
+            extra={"packages": resolved.versions, "left_out": resolved.left_out,
+                   "recipe_files": [str(p) for p in recipe.files]},
         )
         image = repo.commit(out, info)
     progress.step(f"built {image.ref} in {image.path}")

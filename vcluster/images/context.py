@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vcluster.errors import CommandError, ImageError
@@ -23,13 +23,19 @@ CHROOT_ENV = {
 
 @dataclass(frozen=True)
 class BuildContext:
-    """One build: ``out`` receives the image files, ``work`` is scratch space."""
+    """One build: ``out`` receives the image files, ``work`` is scratch space.
+
+    ``packages`` are the resolved package versions the content hash was made of
+    (initramfs: the kernel image package first, then the recipe's packages and
+    their dependencies).
+    """
 
     recipe: Recipe
     out: Path
     work: Path
     cache: Path
     progress: Progress
+    packages: dict[str, str] = field(default_factory=dict)
 
 
 def copy_overlays(ctx: BuildContext, root: Path) -> None:

@@ -1,9 +1,14 @@
 """Build an ``initramfs`` image: a Debian kernel plus a busybox initramfs, no debootstrap.
 
-The recipe's packages are extracted into the root (``dpkg-deb -x``), busybox's
-applets are linked, the kernel modules the recipe names are copied with
-their dependencies (from ``modules.dep``), and ``/etc/vcluster/modules``
-lists them in load order for the recipe's ``/init`` (from its overlay).
+The recipe's packages and their run-time dependencies (resolved by
+``depends``, without what a busybox system does without) are extracted into
+the root (``dpkg-deb -x``; no maintainer script runs), documentation is
+dropped, busybox's applets are linked where no package put a program of the
+same name, the kernel modules the recipe names are copied with their
+dependencies (from ``modules.dep``), and ``/etc/vcluster/modules`` lists them
+in load order for the recipe's ``/init`` (from its overlay).  After the
+overlays and postbuild, ``loader`` writes the dynamic loader's cache and
+checks that every dynamically linked program finds its libraries.
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import stat
 from pathlib import Path
 
 from vcluster.errors import ImageError
-from vcluster.images import packages
+from vcluster.images import loader, packages
 from vcluster.images.context import BuildContext, copy_overlays, run_postbuild
 from vcluster.run import run
 
 MODULE_LIST = "etc/vcluster/modules"
+# Documentation and translations: no use in RAM (the initramfs runs in the C locale).
+DROPPED = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
+           "usr/share/lintian", "usr/share/bug")
+PATH_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin")
 
 
 def _extract(deb: Path, dest: Path) -> None:
@@ -27,20 +36,60 @@ def _extract(deb: Path, dest: Path) -> None:
 
 
 def link_busybox(root: Path) -> int:
-    """Link every busybox applet to /bin/busybox (existing files win)."""
+    """Link every busybox applet to /bin/busybox.
+
+    Programs from packages win: an applet is not linked where the root has a
+    file of that name already, nor anywhere on the PATH (a busybox ``/bin/ip``
+    would shadow a package's ``/usr/bin/ip``).
+    """
     busybox = root / "bin" / "busybox"
     if not busybox.is_file():
-        raise ImageError("the initramfs has no /bin/busybox (add busybox-static to packages)")
+        raise ImageError("the initramfs has no /bin/busybox (add busybox or busybox-static to "
+                         "packages)")
     applets = run([busybox, "--list-full"]).stdout.split()
+    on_path = {entry.name for sub in PATH_DIRS if (root / sub).is_dir()
+               for entry in (root / sub).iterdir()}
     count = 0
     for applet in applets:
         target = root / applet
         if target.exists() or target.is_symlink():
             continue
+        if target.parent.relative_to(root).as_posix() in PATH_DIRS and target.name in on_path:
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to("/bin/busybox")
         count += 1
     return count
+
+
+# Prints the names the shell would run as its own applets rather than from PATH.
+_SHADOW_SCRIPT = 'for name; do case $(command -v "$name") in /*) ;; *) echo "$name" ;; esac; done'
+
+
+def shadowed_programs(root: Path) -> list[str]:
+    """Programs from packages that the root's /bin/sh would not run (it runs its applet).
+
+    Debian's busybox-static is built to prefer its applets to any program on
+    PATH (FEATURE_SH_STANDALONE), so a package's /bin/ping would only run by
+    its full path; dash, and Debian's dynamically linked busybox, look at PATH
+    first.
+    """
+    busybox = root / "bin" / "busybox"
+    if not (root / "bin" / "sh").exists() or not busybox.is_file():
+        return []
+    applets = {Path(a).name for a in run([busybox, "--list-full"]).stdout.split()}
+    programs = sorted({entry.name for sub in PATH_DIRS if (root / sub).is_dir()
+                       for entry in (root / sub).iterdir()
+                       if entry.name in applets and entry.name != "busybox"
+                       and not _is_busybox_link(entry)})
+    if not programs:
+        return []
+    out: str = run(["chroot", root, "/bin/sh", "-c", _SHADOW_SCRIPT, "sh", *programs]).stdout
+    return out.split()
+
+
+def _is_busybox_link(path: Path) -> bool:
+    return path.is_symlink() and os.readlink(path) in ("/bin/busybox", "busybox", "../bin/busybox")
 
 
 def _canon(name: str) -> str:
@@ -111,6 +160,7 @@ def _install_kernel(ctx: BuildContext, kernel_deb: Path, root: Path) -> str:
     run([root / "bin" / "busybox", "depmod", "-b", kdir, version])
     order = module_load_order(list(ctx.recipe.modules), moddir)
     target = root / "lib" / "modules" / version
+    target.mkdir(parents=True, exist_ok=True)
     for rel in order:
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(moddir / rel, target / rel)
@@ -144,21 +194,31 @@ def build_initramfs(ctx: BuildContext) -> dict[str, str]:
     os.chmod(root / "tmp", 0o1777)
     # The kernel opens /dev/console before /init runs: it must exist in the archive.
     os.mknod(root / "dev" / "console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
-    kernel_pkg, kernel_version = packages.kernel_package(recipe.kernel)
+    if not ctx.packages:
+        raise ImageError(f"recipe {recipe.name}: no resolved packages (the kernel comes first)")
+    kernel_pkg, *names = ctx.packages
     debs_dir = ctx.work / "debs"
-    ctx.progress.step(f"downloading {kernel_pkg} {kernel_version} and "
-                      f"{', '.join(recipe.packages) or 'no other packages'}")
-    debs = packages.download([kernel_pkg, *recipe.packages], debs_dir, ctx.cache / "debs")
+    ctx.progress.step(f"downloading {kernel_pkg} {ctx.packages[kernel_pkg]} and "
+                      f"{len(names)} packages: {', '.join(names) or 'none'}")
+    debs = packages.download([kernel_pkg, *names], debs_dir, ctx.cache / "debs")
     for deb in debs[1:]:
         _extract(deb, root)
-    # Packages may ship documentation we do not want in RAM.
-    shutil.rmtree(root / "usr" / "share" / "doc", ignore_errors=True)
-    shutil.rmtree(root / "usr" / "share" / "man", ignore_errors=True)
+    for sub in DROPPED:
+        shutil.rmtree(root / sub, ignore_errors=True)
     linked = link_busybox(root)
     ctx.progress.step(f"busybox: {linked} applets linked")
     _install_kernel(ctx, debs[0], root)
     copy_overlays(ctx, root)
     run_postbuild(ctx, root)
+    dynamic = loader.prepare(root)
+    if dynamic:
+        ctx.progress.step(f"ld.so.cache written; {dynamic} dynamically linked files load")
+    shadowed = shadowed_programs(root)
+    if shadowed:
+        raise ImageError(f"recipe {recipe.name}: /bin/sh runs its own applets instead of "
+                         f"{', '.join(shadowed)} from the packages (busybox-static's shell "
+                         "prefers its applets to PATH): list dash for a /bin/sh that looks at "
+                         "PATH first (as tiny does), or use the busybox package")
     init = root / "init"
     if not init.is_file() or not os.access(init, os.X_OK):
         raise ImageError(f"recipe {recipe.name}: the overlay must provide an executable /init")

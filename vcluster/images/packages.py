@@ -97,8 +97,10 @@ def download(packages: Iterable[str], dest: Path, cache: Path | None = None) -> 
     """Download the candidate .debs of ``packages`` into ``dest`` (reusing ``cache``)."""
     dest.mkdir(parents=True, exist_ok=True)
     out: list[Path] = []
-    for name in packages:
-        fields = show(name)
+    names = list(packages)
+    candidates = show_all(names)
+    for name in names:
+        fields = candidates[name]
         filename = Path(fields.get("Filename", "")).name
         cached = cache / filename if cache is not None and filename else None
         if cached is not None and cached.is_file():

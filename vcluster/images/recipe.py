@@ -1,13 +1,14 @@
 """Image recipes: YAML files in the vmbetter tradition (parents, packages, overlay, postbuild).
 
 A recipe names its parents (shipped recipe names or paths); the resolved
-``Recipe`` is the flattened result: packages, overlays and postbuild commands
-of every ancestor first, scalar settings from the nearest recipe that sets
-them.  Every error names the file, line and key.
+``Recipe`` is the flattened result: packages, exclusions, overlays and
+postbuild commands of every ancestor first, scalar settings from the nearest
+recipe that sets them.  Every error names the file, line and key.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from vcluster.schema.fields import Section
 from vcluster.schema.source import Node, load_yaml
 
 KINDS = ("disk", "initramfs")
-RECIPE_KEYS = ("description", "parents", "kind", "suite", "mirror", "packages", "overlay",
-               "postbuild", "size", "kernel", "modules", "append")
+RECIPE_KEYS = ("description", "parents", "kind", "suite", "mirror", "packages", "exclude",
+               "overlay", "postbuild", "size", "kernel", "modules", "append")
+# Debian policy 5.6.7 (single letters allowed here for brevity in tests and examples)
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
 DEFAULT_SIZE = 2 << 30
 DEFAULT_SUITE = "bookworm"
 DEFAULT_KERNEL = "linux-image-cloud-amd64"
@@ -43,6 +46,7 @@ class RecipeFile:
     suite: str | None = None
     mirror: str | None = None
     packages: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     overlay: Path | None = None
     postbuild: tuple[str, ...] = ()
     size: int | None = None
@@ -62,6 +66,7 @@ class Recipe:
     suite: str = DEFAULT_SUITE
     mirror: str | None = None
     packages: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     overlays: tuple[Path, ...] = ()
     postbuild: tuple[str, ...] = ()
     size: int = DEFAULT_SIZE
@@ -74,7 +79,8 @@ class Recipe:
         """The settings that define the build's result (hashed to decide reuse)."""
         return {
             "kind": self.kind, "suite": self.suite, "mirror": self.mirror,
-            "packages": list(self.packages), "postbuild": list(self.postbuild),
+            "packages": list(self.packages), "exclude": list(self.exclude),
+            "postbuild": list(self.postbuild),
             "size": self.size, "kernel": self.kernel, "modules": list(self.modules),
             "append": self.append,
         }
@@ -85,6 +91,16 @@ def _names(sec: Section, key: str, what: str) -> tuple[str, ...]:
     for value in values:
         if not value.strip():
             raise sec.error(key, "an empty item", what)
+    return values
+
+
+def _package_names(sec: Section, key: str, what: str) -> tuple[str, ...]:
+    values = _names(sec, key, what)
+    for value in values:
+        if not _PACKAGE_RE.match(value):
+            raise sec.error(key, f"{value!r} is not a Debian package name",
+                            "lower-case letters, digits and + - . (starting with a letter "
+                            "or digit)")
     return values
 
 
@@ -116,7 +132,8 @@ def parse_recipe(node: Node | None, path: Path) -> RecipeFile:
         kind=kind,
         suite=sec.string("suite"),
         mirror=mirror,
-        packages=_names(sec, "packages", "a list of Debian package names"),
+        packages=_package_names(sec, "packages", "a list of Debian package names"),
+        exclude=_package_names(sec, "exclude", "a list of Debian package names"),
         overlay=overlay,
         postbuild=postbuild,
         size=sec.size("size"),
@@ -189,6 +206,11 @@ def load_recipe(ref: str) -> Recipe:
                           "one of: " + ", ".join(KINDS))
     name = path.stem
     size = last("size")
+    if kind == "disk":
+        for item in chain:
+            if item.exclude:
+                raise ImageError(f"recipe {name}: {item.path}: exclude is for kind initramfs "
+                                 "(debootstrap resolves a disk's packages)")
     return Recipe(
         name=name,
         path=path,
@@ -197,6 +219,7 @@ def load_recipe(ref: str) -> Recipe:
         suite=str(last("suite") or DEFAULT_SUITE),
         mirror=str(mirror) if (mirror := last("mirror")) is not None else None,
         packages=_unique([p for item in chain for p in item.packages]),
+        exclude=_unique([p for item in chain for p in item.exclude]),
         overlays=tuple(item.overlay for item in chain if item.overlay is not None),
         postbuild=tuple(c for item in chain for c in item.postbuild),
         size=size if isinstance(size, int) else DEFAULT_SIZE,

@@ -18,15 +18,17 @@ import click
 @click.option("--verbose", is_flag=True, help="Show the VM runners' output as it comes.")
 def launcher(plan_path: Path, command: str | None, stop_timeout: float | None,
              ready_timeout: float, verbose: bool) -> None:
-    """Record the cluster in the store, start one VM runner per VM with srun, show
-    their progress until all are ready (or one fails), then run the user's shell
-    or command with VCLUSTER_JOB_ID set; stop the VMs when it exits and exit
-    with its status."""
+    """Place the VMs on the allocation's hosts (each FAM group on one host), take
+    the private networks' VXLAN ids from the local agent, record the cluster in
+    the store, start one VM runner per VM with srun, show their progress until
+    all are ready (or one fails), then run the user's shell or command with
+    VCLUSTER_JOB_ID set; stop the VMs when it exits and exit with its status."""
+    from vcluster.agent.client import AgentClient
     from vcluster.cluster import ClusterPlan
     from vcluster.config.loader import load_config
     from vcluster.errors import InputError
     from vcluster.launch.launcher import Launcher, LaunchOptions
-    from vcluster.launch.steps import job_environment
+    from vcluster.launch.steps import job_allocation, job_environment
     from vcluster.session import open_user_store
     from vcluster.store.records import from_json
 
@@ -37,13 +39,15 @@ def launcher(plan_path: Path, command: str | None, stop_timeout: float | None,
     plan_path.unlink(missing_ok=True)
     plan = from_json(ClusterPlan, text)
     job, name = job_environment()
+    allocation = job_allocation()
     batch = load_config().batch
+    agent = AgentClient(batch.directories.layout.agent_socket)
     store = open_user_store(batch)
     try:
         options = LaunchOptions(command=command, stop_timeout=stop_timeout,
                                 ready_timeout=ready_timeout, verbose=verbose)
         code = Launcher(plan, store, prefix=batch.store.prefix, job=job, job_name=name,
-                        options=options).run()
+                        options=options, allocation=allocation, agent=agent).run()
     finally:
         store.close()
     raise SystemExit(code)

@@ -1,16 +1,25 @@
 """The launcher: records the cluster, starts its VMs, waits for them, runs the user's command.
 
 It runs as the user inside the allocation (``salloc … vcluster internal
-launcher``), in phases that each return what the next needs: ``record``
-(the cluster's spec, keys and pending VM records), ``start`` (the ``Step``
-of VM runners), ``wait_ready`` (the revision of the last record seen, for
-the watch while the user works), then ``run_user_command`` (the user's exit
-status).  Stop signals are a
-``Cancellation`` the waits check.  Whatever happens (a VM fails, the user
-presses Ctrl-C, the job is cancelled), an ExitStack stops the VMs and
-removes the cluster's keys before ``run`` returns, with the stop signals
-ignored so that a second one cannot cut that short; the agent's release
-(epilog) is the safety net behind it.
+launcher``), in phases that each return what the next needs: ``place`` (a
+host per VM, every FAM group on one host: ``launch.placement``),
+``take_vnis`` (the VXLAN id of each private network, from the local agent,
+which takes them from the networks' pools in the store), ``record`` (the
+cluster's spec, keys and pending VM records), ``start`` (the ``Step`` of VM
+runners), ``wait_ready`` (the revision of the last record seen, for the
+watch while the user works), then ``run_user_command`` (the user's exit
+status).  ``place`` and ``take_vnis`` write nothing: when they refuse, the
+user gets one line and nothing was made (VNIs already taken go back to their
+pools with the job's release).  Stop signals are a ``Cancellation`` the
+waits check.  Whatever happens (a VM fails, the user presses Ctrl-C, the
+job is cancelled), an ExitStack stops the VMs and removes the cluster's keys
+before ``run`` returns, with the stop signals ignored so that a second one
+cannot cut that short; the agent's release (epilog) is the safety net
+behind it.
+
+While the VMs come up, every published host is checked against the FAM
+groups (defense in depth behind the placement): VMs of one region on two
+hosts fail the cluster at once.
 """
 
 from __future__ import annotations
@@ -22,16 +31,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from vcluster.cancel import Cancellation, ignored
 from vcluster.cluster import ClusterPlan, ClusterSpec
 from vcluster.errors import VclusterError
 from vcluster.identity import user_name
 from vcluster.launch import sshkeys
+from vcluster.launch.placement import Allocation, VmNeed, place, split_regions
 from vcluster.launch.progress import ProgressView
 from vcluster.launch.steps import RunnerStep, Step, StepStarter
 from vcluster.lifecycle import VmState
@@ -48,6 +58,13 @@ STOPPED = "stopped the cluster"
 
 class ClusterFailed(VclusterError):
     """A VM failed before the cluster was ready."""
+
+
+class VniSource(Protocol):
+    """Where the VXLAN ids of a job's private networks come from: the local agent."""
+
+    def vnis(self, job: str, networks: Sequence[str]) -> dict[str, int]:
+        """Network name -> VNI, taken for ``job``; AgentError (one line) if not."""
 
 
 @dataclass(frozen=True)
@@ -79,19 +96,24 @@ def _uncut_cleanup() -> Iterator[contextlib.ExitStack]:
 
 class Launcher:
     def __init__(self, plan: ClusterPlan, store: Store, *, prefix: str, job: str,
-                 job_name: str, options: LaunchOptions, start_step: StepStarter = RunnerStep,
+                 job_name: str, options: LaunchOptions, allocation: Allocation,
+                 agent: VniSource, start_step: StepStarter = RunnerStep,
                  cancellation: Cancellation | None = None, out: TextIO | None = None) -> None:
         self.plan = plan
         self.store = store
         self.job = job
         self.job_name = job_name
         self.options = options
+        self.allocation = allocation
+        self.agent = agent
         self.start_step = start_step
         self.cancellation = cancellation or Cancellation()
         self.out = out or sys.stderr
         self.user = user_name()
         self.keys = Keys(prefix)
         self.view = ProgressView([vm.name for vm in plan.vms], self.out)
+        self.needs = [VmNeed.of(vm) for vm in plan.vms]
+        self.booted: set[int] = set()  # VMs seen booting: their console has something to say
 
     def say(self, text: str) -> None:
         self.out.write(f"vcluster: job {self.job}: {text}\n")
@@ -101,13 +123,24 @@ class Launcher:
         """Raise Cancelled if a stop signal came, with the message the user sees."""
         self.cancellation.check(STOPPED)
 
+    # -- before anything is made -------------------------------------------------
+
+    def place(self) -> tuple[str, ...]:
+        """The host of each VM; PlacementError if a FAM group fits on no host."""
+        return place(self.needs, self.allocation)
+
+    def take_vnis(self) -> dict[str, int]:
+        """The VNI of each private network of the cluster; AgentError (one line) if not."""
+        networks = self.plan.private_networks()
+        return self.agent.vnis(self.job, networks) if networks else {}
+
     # -- recording ------------------------------------------------------------
 
-    def record(self) -> None:
-        """Write the key pair, one pending record per VM, then the spec."""
+    def record(self, vnis: dict[str, int]) -> int:
+        """Write the key pair, one pending record per VM, then the spec; its revision."""
         pair = sshkeys.generate(f"vcluster-job-{self.job}")
         spec = ClusterSpec(self.job, self.job_name, self.user, os.getuid(), time.time(),
-                           pair.public, self.plan)
+                           pair.public, self.plan, vnis=dict(vnis))
         k = self.keys
         self.store.put(k.cluster_key(self.user, self.job, sshkeys.PRIVATE), pair.private)
         self.store.put(k.cluster_key(self.user, self.job, sshkeys.PUBLIC), pair.public)
@@ -116,7 +149,7 @@ class Launcher:
             self.store.put(k.vm(self.user, self.job, vm.index),
                            to_json(VmRecord(VmState.PENDING, since=now)))
         # The spec last: runners that see it find every VM record in place.
-        self.store.put(k.cluster_spec(self.user, self.job), to_json(spec))
+        return self.store.put(k.cluster_spec(self.user, self.job), to_json(spec))
 
     def forget(self) -> None:
         with contextlib.suppress(VclusterError):
@@ -124,12 +157,11 @@ class Launcher:
 
     # -- the step ---------------------------------------------------------------
 
-    def start(self, stack: contextlib.ExitStack) -> Step:
-        """The step of VM runners, stopped by ``stack``."""
+    def start(self, stack: contextlib.ExitStack, hosts: Sequence[str]) -> Step:
+        """The step of VM runners, VM ``i`` on ``hosts[i]``, stopped by ``stack``."""
         # No stop signal between srun's start and the stack knowing it.
         with self.cancellation.blocked():
-            step = self.start_step(self.job, len(self.plan.vms),
-                                   stop_timeout=self.options.stop_timeout,
+            step = self.start_step(self.job, hosts, stop_timeout=self.options.stop_timeout,
                                    echo=self.options.verbose)
             stack.callback(self._stop_step, step)
         return step
@@ -148,29 +180,43 @@ class Launcher:
 
     def _show(self, event: WatchEvent) -> None:
         if (got := self._record(event)) is not None:
-            self.view.update(*got)
+            self._seen(*got)
 
-    def wait_ready(self, step: Step) -> int:
+    def _seen(self, index: int, record: VmRecord) -> None:
+        if record.state in (VmState.BOOTING, VmState.READY):
+            self.booted.add(index)
+        self.view.update(index, record)
+
+    def split_fam_group(self) -> ClusterFailed | None:
+        """VMs of one FAM region published on different hosts: the cluster is no good."""
+        hosts = {i: r.host for i, r in self.view.records.items() if r.host}
+        problem = split_regions(self.needs, hosts)
+        return ClusterFailed(problem) if problem else None
+
+    def wait_ready(self, step: Step, recorded: int) -> int:
         """Until every VM is ready; the revision of the last record seen.
 
-        ClusterFailed when a VM fails, the step ends, or the ready timeout
-        passes first; Cancelled on a stop signal.
+        ``recorded`` is the revision of the spec: every record the runners
+        publish comes after it.  ClusterFailed when a VM fails, two VMs of a
+        FAM region are on different hosts, the step ends, or the ready
+        timeout passes first; Cancelled on a stop signal.
         """
         vms_prefix = self.keys.vms_prefix(self.user, self.job)
         deadline = time.monotonic() + self.options.ready_timeout
-        snapshot = self.store.get_prefix(vms_prefix)
-        for entry in snapshot.entries:
-            self.view.update(self.keys.vm_index(entry.key, self.user, self.job),
-                             from_json(VmRecord, entry.value))
-        seen = snapshot.revision
-        # From the snapshot on, so that no VM is shown going back to a state it has left.
-        with self.store.watch_prefix(vms_prefix, start_revision=seen + 1) as watch:
+        for vm in self.plan.vms:
+            self._seen(vm.index, VmRecord(VmState.PENDING))  # as record() wrote them
+        seen = recorded
+        # Every change from the spec on, in order: no VM is shown going back to a state it
+        # has left, and none is missed (a VM's console matters only if it was seen booting).
+        with self.store.watch_prefix(vms_prefix, start_revision=recorded + 1) as watch:
             while True:
                 self.check_cancelled()
                 states = {i: r.state for i, r in self.view.records.items()}
                 failed = [i for i, s in states.items() if s is VmState.FAILED]
                 if failed:
                     raise self.failure(failed[0])
+                if (split := self.split_fam_group()) is not None:
+                    raise split
                 if len(states) == len(self.plan.vms) and all(
                         s is VmState.READY for s in states.values()):
                     return seen
@@ -207,13 +253,14 @@ class Launcher:
                              + ", ".join(waiting))
 
     def failure(self, index: int) -> ClusterFailed:
+        """A VM's failure, naming its host; its console only if the guest ever ran."""
         record = self.view.records[index]
         where = f" on {record.host}" if record.host else ""
         text = f"{self.plan.vms[index].name} failed{where}: {record.error}"
         if record.console_tail:
             text += "\n  console (last lines):\n" + "\n".join(
                 f"    {line}" for line in record.console_tail)
-        else:
+        elif index in self.booted:
             text += "\n  console (last lines): none, the VM printed nothing"
         return ClusterFailed(text)
 
@@ -275,14 +322,18 @@ class Launcher:
         count = len(self.plan.vms)
         vms = f"VM{'s' if count > 1 else ''}"
         start = time.monotonic()
-        with self.cancellation.installed(), _uncut_cleanup() as stack:
-            stack.callback(self.say, "stopped")
-            stack.callback(self.forget)
-            self.record()
-            self.say(f"starting {count} {vms} ({self.plan.definition})")
-            step = self.start(stack)
-            seen = self.wait_ready(step)
-            self.say(f"{count} {vms} ready in {time.monotonic() - start:.1f} s; "
-                     f"VCLUSTER_JOB_ID={self.job}")
-            step.ready()
-            return self.run_user_command(seen)
+        with self.cancellation.installed():
+            hosts = self.place()
+            vnis = self.take_vnis()
+            self.check_cancelled()
+            with _uncut_cleanup() as stack:
+                stack.callback(self.say, "stopped")
+                stack.callback(self.forget)
+                recorded = self.record(vnis)
+                self.say(f"starting {count} {vms} ({self.plan.definition})")
+                step = self.start(stack, hosts)
+                seen = self.wait_ready(step, recorded)
+                self.say(f"{count} {vms} ready in {time.monotonic() - start:.1f} s; "
+                         f"VCLUSTER_JOB_ID={self.job}")
+                step.ready()
+                return self.run_user_command(seen)

@@ -4,6 +4,15 @@ The launcher sees the step through ``Step`` (started by a ``StepStarter``),
 so its waits can be tested without SLURM (tests/fakes.py has a FakeStep);
 ``RunnerStep`` is the real one.
 
+Every VM runs on the host ``launch.placement`` chose: srun gets
+``--distribution=arbitrary`` and ``--nodelist`` with one host per task, in
+task order (duplicates allowed), and SLURM then starts task ``i``
+(``SLURM_PROCID=i``, the runner's VM index) on the ``i``-th host (checked
+with SLURM 22.05; a ``SLURM_HOSTFILE`` would do the same but is a file to
+clean up, and would override the node list, so it is kept from srun).
+SLURM does not check that an arbitrary layout fits the CPUs of each host:
+the placement does.
+
 SIGTERM to srun makes it abort the step and kill the tasks at once; a clean
 stop is ``scancel --signal=TERM JOB.STEP``, which lets every runner power its
 guest down and exit, and srun then ends by itself.
@@ -18,9 +27,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import IO, Protocol
 
 from vcluster.errors import CommandError
+from vcluster.launch.placement import Allocation, allocation_of
 from vcluster.run import run, spawn, stop
 
 STEP_NAME = "vcluster-vms"
@@ -45,25 +56,34 @@ class Step(Protocol):
 
 
 class StepStarter(Protocol):
-    def __call__(self, job: str, count: int, *, stop_timeout: float | None,
-                 echo: bool) -> Step: ...
+    def __call__(self, job: str, hosts: Sequence[str], *, stop_timeout: float | None,
+                 echo: bool) -> Step:
+        """Start one runner per VM, VM ``i`` on ``hosts[i]``."""
+
+
+def step_argv(hosts: Sequence[str], stop_timeout: float | None) -> list[str]:
+    """srun for one runner per VM, VM ``i`` on ``hosts[i]``."""
+    argv = ["srun", f"--job-name={STEP_NAME}", f"--ntasks={len(hosts)}",
+            "--distribution=arbitrary", f"--nodelist={','.join(hosts)}", "--kill-on-bad-exit=0",
+            "--label", "--input=none", sys.executable, "-m", "vcluster", "internal", "vm"]
+    if stop_timeout is not None:
+        argv.append(f"--stop-timeout={stop_timeout:g}")
+    return argv
 
 
 class RunnerStep:
-    """``srun … vcluster internal vm``: one task per VM, output kept for diagnosis."""
+    """``srun … vcluster internal vm``: one task per VM on its host, output kept for diagnosis."""
 
-    def __init__(self, job: str, count: int, *, stop_timeout: float | None = None,
+    def __init__(self, job: str, hosts: Sequence[str], *, stop_timeout: float | None = None,
                  echo: bool = False) -> None:
         self.job = job
-        self.count = count
+        self.count = len(hosts)
         self.echo = echo
         self.after_ready = False
         self.output: collections.deque[str] = collections.deque(maxlen=200)
-        argv = ["srun", f"--job-name={STEP_NAME}", f"--ntasks={count}", "--kill-on-bad-exit=0",
-                "--label", "--input=none", sys.executable, "-m", "vcluster", "internal", "vm"]
-        if stop_timeout is not None:
-            argv.append(f"--stop-timeout={stop_timeout:g}")
-        self.proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        env = {k: v for k, v in os.environ.items() if k != "SLURM_HOSTFILE"}
+        self.proc = spawn(step_argv(hosts, stop_timeout), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, env=env)
         assert self.proc.stdout is not None  # asked for with stdout=PIPE
         self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
         self._reader.start()
@@ -128,3 +148,15 @@ def job_environment() -> tuple[str, str]:
                            "not inside a SLURM allocation (SLURM_JOB_ID is not set); "
                            "use vcluster alloc")
     return job, os.environ.get("SLURM_JOB_NAME", "vcluster")
+
+
+def job_allocation(env: Mapping[str, str] | None = None) -> Allocation:
+    """The hosts and CPUs of the allocation we run in (``scontrol show hostnames``)."""
+    env = os.environ if env is None else env
+    nodelist, cpus = env.get("SLURM_JOB_NODELIST"), env.get("SLURM_JOB_CPUS_PER_NODE")
+    if not nodelist or not cpus:
+        raise CommandError(["vcluster", "internal", "launcher"],
+                           "SLURM_JOB_NODELIST and SLURM_JOB_CPUS_PER_NODE are not set: not "
+                           "inside a SLURM allocation? (use vcluster alloc)")
+    hostnames = run(["scontrol", "show", "hostnames", nodelist], timeout=10).stdout.split()
+    return allocation_of(hostnames, cpus, env.get("SLURM_CPUS_PER_TASK"))

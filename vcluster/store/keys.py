@@ -4,9 +4,10 @@ Everything lives under one configurable prefix (``store.prefix``, default
 ``/vcluster``)::
 
     <prefix>/hosts/<host>                              agent registration (lease)
-    <prefix>/pools/vni/<id>                            owner job (compare-and-swap)
+    <prefix>/pools/vni/<id>                            VniHolder (compare-and-swap)
     <prefix>/jobs/<jobid>/owner                        JobOwner
     <prefix>/jobs/<jobid>/hosts/<host>/setup           HostSetup
+    <prefix>/jobs/<jobid>/vni/<network>                the VXLAN id of the job's network
     <prefix>/users/<user>/clusters/<jobid>/spec        the resolved cluster definition
     <prefix>/users/<user>/clusters/<jobid>/vms/<i>     VmRecord
     <prefix>/users/<user>/clusters/<jobid>/keys/<name> per-cluster ssh key pair
@@ -78,6 +79,13 @@ class Keys:
 
     def job_host_setup(self, jobid: str, host: str) -> str:
         return f"{self.job_hosts_prefix(jobid)}{check_component('host name', host)}/setup"
+
+    def job_vnis_prefix(self, jobid: str) -> str:
+        return self.job_prefix(jobid) + "vni/"
+
+    def job_vni(self, jobid: str, network: str) -> str:
+        """The VXLAN id the agents took for ``network`` of the job (its value: the id)."""
+        return self.job_vnis_prefix(jobid) + check_component("network name", network)
 
     # users and their clusters (each user's etcd role covers user_prefix)
     def user_prefix(self, user: str) -> str:

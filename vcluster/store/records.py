@@ -9,7 +9,7 @@ one is accepted only where the dataclass gives a default (an older writer).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
@@ -20,8 +20,8 @@ from vcluster.lifecycle import VmState, check_transition
 
 T = TypeVar("T")
 
-__all__ = ["HostRecord", "HostSetup", "JobOwner", "SetupState", "VmRecord", "from_json",
-           "to_json"]
+__all__ = ["HostRecord", "HostSetup", "JobOwner", "SetupState", "VmRecord", "VniHolder",
+           "from_json", "to_json"]
 
 
 def from_json(cls: type[T], text: str | bytes) -> T:
@@ -40,6 +40,8 @@ class HostRecord:
     address: str  # underlay address other hosts reach (VXLAN tunnels)
     version: str  # vcluster version of the agent
     since: float  # when the agent registered (seconds since the epoch)
+    # IPv4 addresses of the tunnel interfaces networks.yaml names (``interface``), by name
+    interfaces: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,15 @@ class JobOwner:
 
     uid: int
     user: str
+
+
+@dataclass(frozen=True)
+class VniHolder:
+    """Who holds a VXLAN id (``pools/vni/<id>``), taken by an agent for a job's network."""
+
+    job: str
+    user: str
+    network: str
 
 
 class SetupState(Enum):

@@ -213,7 +213,8 @@ class Runner:
         spec, vm = self.read_spec(publisher.store)
         addresses = tuple(nic.address.split("/")[0] for nic in vm.nics)
         publisher.move(VmState.PREPARING, host=opts.host, addresses=addresses)
-        networks = [NetworkSpec(n.network, n.type, n.mtu) for n in vm.nics]
+        networks = [NetworkSpec(n.network, n.type, n.mtu, vni=spec.vnis.get(n.network))
+                    for n in vm.nics]
         fam = FamSpec(vm.fam.name, vm.fam.size) if vm.fam else None
         devices = self.agent.vm_resources(opts.job, opts.index, networks, fam)
         fds = stack.enter_context(contextlib.ExitStack())
