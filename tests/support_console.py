@@ -75,14 +75,19 @@ class GuestShell:
         with self._lock:
             start = len(self._received)
         conn.sendall(f"{command}; echo {mark}:$?\n".encode())
-        done = re.compile(rf"^{re.escape(mark)}:(\d+)\r?$", re.MULTILINE)
+        # Not anchored: on the first command the shell's first prompt may come after our
+        # echoed line and before the answer.  The echoed line has "$?", never digits.
+        done = re.compile(rf"{re.escape(mark)}:(\d+)\b")
         deadline = time.monotonic() + timeout
         while True:
             text = self._text(start)
             found = done.search(text)
             if found:
                 lines = text[:found.start()].replace("\r", "").splitlines()
-                output = "\n".join(line for line in lines if mark not in line).strip()
+                kept = [line for line in lines if mark not in line]
+                if kept and kept[-1].strip() in ("#", "$"):  # the prompt before the answer
+                    kept.pop()
+                output = "\n".join(kept).strip()
                 return Result(int(found.group(1)), output)
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.name}: {command!r} did not finish in {timeout:g} s; "
