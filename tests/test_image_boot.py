@@ -82,7 +82,8 @@ def test_tiny_applies_network_config_and_has_vxlan(workdir: Path, vms: list[Test
     mac = "52:54:00:0a:0b:0c"
     seed = workdir / "seed.iso"
     write_seed(seed, meta_data=meta_data("tiny-net", "tiny-net"), user_data=NET_CHECK,
-               network_config=network_config([Interface(mac, "eth0", ("10.78.0.5/24",))]))
+               network_config=network_config([Interface(mac, "eth0", ("10.78.0.5/24",),
+                                                         mtu=1400)]))
     # restrict=on: the user-mode NIC sends nothing outside QEMU.
     spec = tiny_spec("tinynet", seed, extra=("-netdev", "user,id=n0,restrict=on", "-device",
                                              f"virtio-net-pci,netdev=n0,mac={mac}"))
@@ -90,6 +91,7 @@ def test_tiny_applies_network_config_and_has_vxlan(workdir: Path, vms: list[Test
     vm.wait_for("vcluster-tiny: ready hostname=tiny-net", TINY_TIMEOUT)
     log = vm.log.read_text(errors="replace")
     assert "net-check: eth0 10.78.0.5/24" in log
+    assert "net-check: mtu 1400" in log  # the seed's MTU, not the NIC's 1500
     assert "net-check: vxlan ok" in log and "net-check: bridge ok" in log
 
 
