@@ -124,6 +124,15 @@ class Sandbox:
     def status(self) -> subprocess.CompletedProcess[str]:
         return vcluster("sandbox", "status", "--dir", str(self.directory))
 
+    def restart_agent(self, host: str) -> int:
+        """Kill the agent of ``host`` by PID and start it again; its new PID.
+
+        Agents read their site policy (networks.yaml, resources.yaml) when they start.
+        """
+        from vcluster.sandbox import agents, state
+
+        return agents.restart(state.require(self.directory), host).pid
+
     def script_log(self) -> list[str]:
         """Lines the prolog and epilog wrote (``<time> prolog job=J node=N uid=U ...``)."""
         path = self.directory / "log" / "prolog-epilog.log"

@@ -58,12 +58,12 @@ def tool(sandbox: Sandbox, users: list[Any]) -> Iterator[JobTool]:
     original = networks.read_text()
     networks.write_text(original + DATA_NETWORK)
     try:
-        restart_agent(sandbox, "h1")  # the agent reads its policy when it starts
+        sandbox.restart_agent("h1")  # the agent reads its policy when it starts
         with job_tool(sandbox) as made:
             yield made
     finally:
         networks.write_text(original)
-        restart_agent(sandbox, "h1")
+        sandbox.restart_agent("h1")
 
 
 def agent_pid(box: Sandbox, host: str) -> int:
@@ -76,14 +76,6 @@ def agent_alive(box: Sandbox, host: str) -> bool:
 
     proc = state.require(box.directory).process(f"agent@{host}")
     return proc is not None and process.alive(proc)
-
-
-def restart_agent(box: Sandbox, host: str) -> int:
-    """Kill the agent of ``host`` by PID and start it again (recorded in the sandbox)."""
-    from vcluster.sandbox import agents, state
-
-    sandbox_state = state.require(box.directory)
-    return agents.restart(sandbox_state, host).pid
 
 
 def stop_agent(box: Sandbox, host: str) -> None:
@@ -288,7 +280,7 @@ def test_agent_restart_keeps_a_running_jobs_resources(sandbox: Sandbox, tool: Jo
         before = tool.job_links("h1", job)
         assert before == [netdev.bridge_name(job, 0), netdev.tap_name(job, 0, 0)]
         old = agent_pid(sandbox, "h1")
-        new = restart_agent(sandbox, "h1")
+        new = sandbox.restart_agent("h1")
         assert new != old and not Path(f"/proc/{old}/status").exists()
         time.sleep(2 * RECONCILE_INTERVAL + 1)  # two reconcile passes of the new agent
         assert tool.job_links("h1", job) == before
@@ -325,7 +317,7 @@ def test_reconcile_releases_ended_jobs_only(sandbox: Sandbox, tool: JobTool) -> 
         log.record(undo.UndoEntry(undo.Kind.BRIDGE, bridge, network="cluster"))
         tool.add_bridge("h1", bridge)
         # The agent comes back: its reconcile pass releases both, and only those.
-        restart_agent(sandbox, "h1")
+        sandbox.restart_agent("h1")
         wait_for("the reconcile pass", lambda: not tool.job_links("h1", ended)
                  and not tool.job_links("h1", ghost), timeout=15)
         nothing_left(tool, ended)
@@ -339,7 +331,7 @@ def test_reconcile_releases_ended_jobs_only(sandbox: Sandbox, tool: JobTool) -> 
         cancel(sandbox, running)
         cancel(sandbox, ended)
         if not agent_alive(sandbox, "h1"):
-            restart_agent(sandbox, "h1")
+            sandbox.restart_agent("h1")
     wait_for(f"the epilog of job {running}", lambda: epilog_ran(sandbox, running) is not None)
     nothing_left(tool, running)
 
@@ -453,7 +445,7 @@ def test_epilog_removes_cluster_keys_without_an_undo_log(sandbox: Sandbox,
     try:
         job = allocate(sandbox, USER_A, host="h2")
     finally:
-        restart_agent(sandbox, "h2")
+        sandbox.restart_agent("h2")
     try:
         assert not (tool.state_dir("h2") / "jobs" / job).exists()
         cluster = f"/vcluster/users/{USER_A}/clusters/{job}/"

@@ -70,12 +70,6 @@ narrow:
 """
 
 
-def restart_agent(box: Sandbox, host: str) -> int:
-    from vcluster.sandbox import agents, state
-
-    return agents.restart(state.require(box.directory), host).pid
-
-
 @pytest.fixture(scope="module")
 def users() -> Iterator[None]:
     require_root("the tests make unix users")
@@ -96,13 +90,13 @@ def site(sandbox: Sandbox) -> Iterator[None]:
             path.write_text(saved[path] + extra)
     try:
         for machine in machines:
-            restart_agent(sandbox, machine)  # agents read their policy at start
+            sandbox.restart_agent(machine)  # agents read their policy at start
         yield
     finally:
         for path, text in saved.items():
             path.write_text(text)
         for machine in machines:
-            restart_agent(sandbox, machine)
+            sandbox.restart_agent(machine)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +214,7 @@ def test_one_vm_per_host_reach_each_other_across_hosts(
         before = {h: tool.job_links(h, job) for h in HOSTS}
         assert all(any(name.startswith("vcx") for name in links)
                    for links in before.values()), before
-        restart_agent(sandbox, host_of(vm1))
+        sandbox.restart_agent(host_of(vm1))
         assert {h: tool.job_links(h, job) for h in HOSTS} == before
         ping(vm0, "10.200.0.2")
         ping(vm1, "10.200.0.3")
