@@ -88,6 +88,24 @@ def test_seed_without_network_config(tmp_path: Path) -> None:
                                "user-data": "#!/bin/sh\necho hi\n"}
 
 
+def test_seed_guest_files_go_in_their_directory(tmp_path: Path) -> None:
+    seed = tmp_path / "seed.iso"
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
+    write_seed(seed, meta_data="instance-id: x\n", user_data="#!/bin/sh\n",
+               guest_files={"authorized_keys": "ssh-ed25519 AAAA k\n",
+                            "ssh_host_ed25519_key": key})
+    assert read_seed(seed) == {"meta-data": "instance-id: x\n", "user-data": "#!/bin/sh\n",
+                               "vcluster/authorized_keys": "ssh-ed25519 AAAA k\n",
+                               "vcluster/ssh_host_ed25519_key": key}
+
+
+def test_seed_guest_file_names_are_plain(tmp_path: Path) -> None:
+    with pytest.raises(SeedError, match=r"seed file '../x': expected a plain file name"):
+        write_seed(tmp_path / "seed.iso", meta_data={}, user_data="",
+                   guest_files={"../x": "y"})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_seed_write_error_is_a_seed_error(tmp_path: Path) -> None:
     with pytest.raises(SeedError, match="cannot write the cloud-init seed"):
         write_seed(tmp_path / "missing" / "seed.iso", meta_data={}, user_data="")

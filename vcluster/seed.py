@@ -11,6 +11,7 @@ import email.message
 import email.parser
 import io
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.mime.multipart import MIMEMultipart
@@ -23,6 +24,8 @@ import yaml
 from vcluster.errors import SeedError
 
 SEED_FILES = ("meta-data", "user-data", "network-config")
+GUEST_DIR = "vcluster"  # the seed's directory of files for images without cloud-init
+_GUEST_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 HOSTS_TEMPLATE = "/etc/cloud/templates/hosts.debian.tmpl"
 
 # Keys whose values vcluster decides; the template cannot override them.
@@ -211,22 +214,34 @@ def _text(value: str | Mapping[str, Any]) -> str:
 
 
 def write_seed(path: Path, *, meta_data: str | Mapping[str, Any], user_data: str,
-               network_config: str | Mapping[str, Any] | None = None) -> None:
-    """Write a NoCloud seed ISO (volume label ``cidata``) to ``path``, atomically."""
+               network_config: str | Mapping[str, Any] | None = None,
+               guest_files: Mapping[str, str] | None = None) -> None:
+    """Write a NoCloud seed ISO (volume label ``cidata``) to ``path``, atomically.
+
+    ``guest_files`` (name: text) go into the seed's ``vcluster/`` directory,
+    for images without cloud-init (tiny's /init reads ``authorized_keys`` and
+    ``ssh_host_ed25519_key`` there); cloud-init ignores them.
+    """
     import pycdlib
 
     files = {"meta-data": _text(meta_data), "user-data": user_data}
     if network_config is not None:
         files["network-config"] = _text(network_config)
+    for name in guest_files or {}:
+        if not _GUEST_FILE_RE.match(name):
+            raise SeedError(f"seed file {name!r}: expected a plain file name (letters, digits, "
+                            "_ . -)")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     iso = pycdlib.PyCdlib()
     try:
         iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
         for name, text in files.items():
-            data = text.encode("utf-8")
-            iso_name = name.upper().replace("-", "_") + ".;1"
-            iso.add_fp(io.BytesIO(data), len(data), f"/{iso_name}", rr_name=name,
-                       joliet_path=f"/{name}")
+            _add_file(iso, "", name, text)
+        if guest_files:
+            iso.add_directory(f"/{GUEST_DIR.upper()}", rr_name=GUEST_DIR,
+                              joliet_path=f"/{GUEST_DIR}")
+            for name, text in guest_files.items():
+                _add_file(iso, GUEST_DIR, name, text)
         iso.write(str(tmp))
         os.replace(tmp, path)
     except (OSError, pycdlib.pycdlibexception.PyCdlibException) as e:
@@ -234,6 +249,15 @@ def write_seed(path: Path, *, meta_data: str | Mapping[str, Any], user_data: str
     finally:
         iso.close()
         tmp.unlink(missing_ok=True)
+
+
+def _add_file(iso: Any, directory: str, name: str, text: str) -> None:
+    data = text.encode("utf-8")
+    iso_dir = f"/{directory.upper()}" if directory else ""
+    joliet_dir = f"/{directory}" if directory else ""
+    iso_name = name.upper().replace("-", "_").replace(".", "_") + ".;1"
+    iso.add_fp(io.BytesIO(data), len(data), f"{iso_dir}/{iso_name}", rr_name=name,
+               joliet_path=f"{joliet_dir}/{name}")
 
 
 def read_seed(path: Path) -> dict[str, str]:
@@ -247,13 +271,19 @@ def read_seed(path: Path) -> dict[str, str]:
         raise SeedError(f"cannot read the cloud-init seed {path}: {e}") from e
     try:
         out: dict[str, str] = {}
-        for child in iso.list_children(rr_path="/"):
-            if child.is_dot() or child.is_dotdot():
-                continue
-            name = child.rock_ridge.name().decode()
-            buf = io.BytesIO()
-            iso.get_file_from_iso_fp(buf, rr_path=f"/{name}")
-            out[name] = buf.getvalue().decode("utf-8")
+        directories = [""]
+        while directories:
+            directory = directories.pop()
+            for child in iso.list_children(rr_path=directory or "/"):
+                if child.is_dot() or child.is_dotdot():
+                    continue
+                name = f"{directory}/{child.rock_ridge.name().decode()}"
+                if child.is_dir():
+                    directories.append(name)
+                    continue
+                buf = io.BytesIO()
+                iso.get_file_from_iso_fp(buf, rr_path=name)
+                out[name.lstrip("/")] = buf.getvalue().decode("utf-8")
         return out
     finally:
         iso.close()
