@@ -348,18 +348,16 @@ def test_site_policy_decides_networks_mtus_and_fam_sizes(tmp_path: Path) -> None
     unknown = refused(vm_request(0, (protocol.NetworkSpec("evil", "private", 1500),)))
     assert unknown.code is Code.DENIED
     assert "networks[0].name: network 'evil' is not defined in " \
-        f"{site / 'networks.yaml'} (private networks there: cluster, data)" in str(unknown)
+        f"{site / 'networks.yaml'} (nat/private networks there: cluster, data, nat)" \
+        in str(unknown)
     nat = refused(vm_request(0, (protocol.NetworkSpec("nat", "private", None),)))
     assert nat.code is Code.DENIED
     assert "network 'nat' is a nat network" in str(nat)
-    assert "this agent makes private networks only" in str(nat)
-    # The network plug-ins say which types the agent makes: nat is not built yet.
-    nat_type = refused(vm_request(0, (protocol.NetworkSpec("nat", "nat", None),)))
-    assert nat_type.code is Code.BAD_REQUEST
-    assert "networks[0].type: 'nat' is not supported by this agent (expected 'private')" \
-        in str(nat_type)
+    assert "not private" in str(nat)
+    assert jobs.check(vm_request(0, (protocol.NetworkSpec("nat", "nat", None),)), info) == \
+        {"nat": 1500}
     no_type = refused(vm_request(0, (protocol.NetworkSpec("cluster", "vlan", None),)))
-    assert "networks[0].type: 'vlan' is not a network type (expected 'private')" \
+    assert "networks[0].type: 'vlan' is not a network type (expected 'nat' or 'private')" \
         in str(no_type)
     mtu = refused(vm_request(0, (protocol.NetworkSpec("cluster", "private", 9000),)))
     assert mtu.code is Code.BAD_REQUEST

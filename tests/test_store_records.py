@@ -72,7 +72,8 @@ def test_records_round_trip(record: object) -> None:
 def test_encoding_is_plain_json() -> None:
     text = to_json(VmRecord(VmState.BOOTING, host="h1", addresses=("10.0.0.3",), since=3.5))
     assert json.loads(text) == {"state": "booting", "host": "h1", "addresses": ["10.0.0.3"],
-                                "since": 3.5, "error": None, "console_tail": []}
+                                "since": 3.5, "error": None, "console_tail": [], "ssh": None,
+                                "host_key": None}
     spec = json.loads(to_json(RECORDS[-1]))
     assert spec["disks"][0] == {"path": "/var/a.qcow2", "size": 1 << 30, "shared": False}
     assert spec["colors"] == ["red", "blue"]

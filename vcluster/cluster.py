@@ -64,7 +64,7 @@ class NicPlan:
     network: str
     type: str  # network type (a plug-in of vcluster.networks)
     mtu: int
-    address: str  # CIDR, e.g. 10.200.0.1/16
+    address: str | None  # CIDR, e.g. 10.200.0.1/16; None: the VM's host agent gives it (nat)
     model: str
 
 
@@ -109,8 +109,14 @@ class ClusterPlan:
     qemu_binary: str
 
     def hosts(self) -> list[tuple[str, str]]:
-        """(address, name) of every VM on its first network, for /etc/hosts."""
-        return [(vm.nics[0].address.split("/")[0], vm.name) for vm in self.vms if vm.nics]
+        """(address, name) of every VM on its first network that spans the cluster, for
+        /etc/hosts (a nat network's addresses are its host's business)."""
+        out = []
+        for vm in self.vms:
+            planned = [nic.address for nic in vm.nics if nic.address is not None]
+            if planned:
+                out.append((planned[0].split("/")[0], vm.name))
+        return out
 
     def private_networks(self) -> list[str]:
         """The networks the VMs' NICs are on that tunnel between hosts (each needs a VNI),

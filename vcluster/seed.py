@@ -31,7 +31,7 @@ HOSTS_TEMPLATE = "/etc/cloud/templates/hosts.debian.tmpl"
 # Keys whose values vcluster decides; the template cannot override them.
 VCLUSTER_KEYS = frozenset({
     "hostname", "fqdn", "prefer_fqdn_over_hostname", "preserve_hostname", "manage_etc_hosts",
-    "final_message",
+    "final_message", "ssh_keys", "ssh_deletekeys", "ssh_genkeytypes",
 })
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vcluster.agent.firewall import SourceFilter, job_of_table, table_name
+from vcluster.agent.natrules import NatRules
 from vcluster.agent.netdev import Vxlan
 from vcluster.agent.peer import JobInfo
 from vcluster.agent.protocol import failed
@@ -39,6 +40,7 @@ class FakeDevices:
 
     links: dict[str, Link] = field(default_factory=dict)
     opened: list[int] = field(default_factory=list)  # fds handed out (the caller closes them)
+    forwarding: bool = True  # net.ipv4.ip_forward
 
     def add_interface(self, name: str, mtu: int, *addresses: str) -> None:
         """A host interface (not the agent's) with ``addresses``."""
@@ -70,6 +72,16 @@ class FakeDevices:
                                 f"port {have[2]}, not {vxlan.vni}, {vxlan.local}, {vxlan.port}; "
                                 "remove it")
         link.mtu, link.master, link.vxlan = vxlan.mtu, bridge, vxlan
+
+    def ensure_gateway(self, bridge: str, address: str) -> None:
+        link = self.links.get(bridge)
+        if link is None or link.kind != "bridge":
+            raise ResourceError(f"bridge {bridge} is missing")
+        if address.split("/")[0] not in link.addresses:
+            link.addresses += (address.split("/")[0],)
+
+    def ipv4_forwarding(self) -> bool:
+        return self.forwarding
 
     def interface_ipv4(self, name: str) -> list[str] | None:
         link = self.links.get(name)
@@ -110,6 +122,7 @@ class FakeFirewall:
     """
 
     filters: dict[str, dict[int, SourceFilter]] = field(default_factory=dict)  # table: index
+    nats: dict[str, dict[int, NatRules]] = field(default_factory=dict)  # table: index: rules
     others: set[str] = field(default_factory=set)
     broken: bool = False
 
@@ -119,9 +132,17 @@ class FakeFirewall:
                                 "nftables says: Operation not permitted")
         self.filters.setdefault(table_name(job), {})[flt.index] = flt
 
+    def ensure_nat(self, job: str, nat: NatRules) -> None:
+        if self.broken:
+            raise ResourceError(f"cannot set up the NAT of network {nat.network!r}: "
+                                "nftables says: Operation not permitted")
+        self.filters.setdefault(table_name(job), {})
+        self.nats.setdefault(table_name(job), {})[nat.index] = nat
+
     def remove_table(self, name: str) -> bool:
         if job_of_table(name) is None:
             raise ResourceError(f"nftables table {name} is not a job's; not removing it")
+        self.nats.pop(name, None)
         return self.filters.pop(name, None) is not None
 
     def tables(self) -> list[str]:

@@ -44,6 +44,7 @@ from vcluster.agent.protocol import (
     CredentialsAnswer,
     FamRegion,
     FamSpec,
+    NatLease,
     NetworkSpec,
     PingAnswer,
     PrologAnswer,
@@ -57,7 +58,8 @@ BUSY_RETRIES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # about 6 s in all
 
 A = TypeVar("A")
 
-__all__ = ["AgentClient", "AgentError", "AgentUnavailable", "FamRegion", "Tap", "VmDevices"]
+__all__ = ["AgentClient", "AgentError", "AgentUnavailable", "FamRegion", "NatLease", "Tap",
+           "VmDevices"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Tap:
     ifname: str
     mac: str | None
     fd: int
+    nat: NatLease | None = None  # a nat network's address, gateway and ssh port
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ class AgentClient:
             raise AgentError(p.Code.FAILED, f"the vcluster agent at {self.path} described "
                                             f"{len(answer.taps)} taps but sent {len(fds)} "
                                             "file descriptors")
-        taps = tuple(Tap(network=t.network, ifname=t.ifname, mac=t.mac, fd=fd)
+        taps = tuple(Tap(network=t.network, ifname=t.ifname, mac=t.mac, fd=fd, nat=t.nat)
                      for t, fd in zip(answer.taps, fds, strict=True))
         return VmDevices(taps=taps, fam=answer.fam, workdir=answer.workdir)
 

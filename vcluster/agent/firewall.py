@@ -1,4 +1,7 @@
-"""A job's source filter for its tunnels: an nftables table of its own, ``inet vcluster_job_<job>``.
+"""A job's packet filter rules: an nftables table of its own, ``inet vcluster_job_<job>``.
+
+It holds the source filter of the job's tunnels (below) and the NAT of its
+nat networks (``natrules``).
 
 VXLAN trusts any sender: a packet that reaches a host's VXLAN port with a
 job's id lands on the job's private network.  So the hosts of a job accept
@@ -31,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from vcluster.agent.natrules import NatRules, nat_commands
 from vcluster.errors import ResourceError
 
 FAMILY = "inet"
@@ -132,6 +136,10 @@ class Firewall(Protocol):
         """Network ``flt.index`` of ``job`` accepts its tunnel packets from ``flt.sources``
         only (the job's table and the network's chain made if missing)."""
 
+    def ensure_nat(self, job: str, nat: NatRules) -> None:
+        """Nat network ``nat.index`` of ``job`` has exactly the rules of ``nat`` (the job's
+        table and the network's chains made if missing; ``natrules``)."""
+
     def remove_table(self, name: str) -> bool:
         """Delete table ``inet name`` and all it holds; False if there was none."""
 
@@ -184,6 +192,11 @@ class Nftables:
     def ensure_filter(self, job: str, flt: SourceFilter) -> None:
         self._run(filter_commands(job, flt),
                   f"filter the tunnel of network {flt.network!r} (nftables table inet "
+                  f"{table_name(job)})")
+
+    def ensure_nat(self, job: str, nat: NatRules) -> None:
+        self._run(nat_commands(FAMILY, table_name(job), job, nat),
+                  f"set up the NAT of network {nat.network!r} (nftables table inet "
                   f"{table_name(job)})")
 
     def tables(self) -> list[str]:

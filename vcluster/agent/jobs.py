@@ -40,14 +40,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vcluster.agent import fam, firewall, netdev, tunnel, undo, vnis, workdir
+from vcluster.agent import fam, firewall, nat, netdev, tunnel, undo, vnis, workdir
+from vcluster.agent.natrules import NatRules
 from vcluster.agent.peer import JobInfo
 from vcluster.agent.policy import Policy
 from vcluster.agent.protocol import (
+    AgentError,
     FamRegion,
     JobStatus,
     LoggedEntry,
     LoggedJob,
+    NatLease,
     PrologAnswer,
     ReleaseAnswer,
     TapInfo,
@@ -62,7 +65,7 @@ from vcluster.agent.undo import JobLog, Kind, UndoEntry
 from vcluster.errors import ResourceError, StoreError, TunnelError
 from vcluster.hostpaths import HostLayout
 from vcluster.store.base import Delete, value_is
-from vcluster.store.records import HostSetup, JobOwner, SetupState, to_json
+from vcluster.store.records import HostRecord, HostSetup, JobOwner, SetupState, from_json, to_json
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class Jobs:
         self.devices = devices
         self.firewall = packet_filter
         self.resolve = resolve
+        self.nat = nat.Allocator(link.keys, settings.node)
         self._locks: dict[str, tuple[threading.Lock, int]] = {}  # job: (lock, users)
         self._locks_lock = threading.Lock()
 
@@ -236,6 +240,37 @@ class Jobs:
         except ResourceError as e:
             raise self._cannot_build(job, e) from e
 
+    def _nat(self, job_log: JobLog, index: int, bridge: str, vm: int, tasks: int,
+             site: nat.NatSite) -> NatLease:
+        """Give VM ``vm`` its share of nat network ``site`` here: block, address, ssh port,
+        the bridge's gateway address and the job's NAT rules."""
+        job = job_log.job
+        if not self.devices.ipv4_forwarding():
+            raise self._cannot_build(job, ResourceError(
+                f"nat network {site.name!r} needs IPv4 forwarding, which is off here "
+                "(net.ipv4.ip_forward = 0); the site must turn it on (sysctl -w "
+                "net.ipv4.ip_forward=1, and in /etc/sysctl.d/)"))
+        try:
+            store = self.link.get()
+            share = self.nat.share(store, site, job, job_log.user, vm, tasks)
+            entry = store.get(self.link.keys.host(self.settings.node))
+            host = from_json(HostRecord, entry.value).address if entry is not None else None
+        except (StoreError, AgentError) as e:
+            raise self._cannot_build(job, e) from e
+        try:
+            job_log.record(UndoEntry(Kind.NFT, firewall.table_name(job)))
+            self.devices.ensure_gateway(bridge, f"{share.gateway}/{share.block.prefixlen}")
+            self.firewall.ensure_nat(job, NatRules(
+                network=site.name, index=index, bridge=bridge, block=str(share.block),
+                gateway=str(share.gateway), subnet=str(site.subnet), forwards=share.forwards))
+        except ResourceError as e:
+            raise self._cannot_build(job, e) from e
+        reachable = share.port is not None and host is not None
+        return NatLease(address=f"{share.address}/{share.block.prefixlen}",
+                        gateway=str(share.gateway),
+                        ssh_address=host if reachable else None,
+                        ssh_port=share.port if reachable else None)
+
     def vm_resources(self, request: VmResources, info: JobInfo, gid: int,
                      hosts: Sequence[str] = ()) -> tuple[VmResourcesAnswer, list[int]]:
         """The VM's taps (their open fds beside the answer), FAM region and work directory.
@@ -261,11 +296,16 @@ class Jobs:
                     self.devices.ensure_bridge(bridge, mtu)
                     if net.name in plans:
                         self._join(job_log, index, bridge, plans[net.name])
+                    lease = None
+                    site = self.policy.nat(net.name)
+                    if site is not None:
+                        lease = self._nat(job_log, index, bridge, request.vm, info.tasks or 1,
+                                          site)
                     tap = netdev.tap_name(request.job, request.vm, index)
                     job_log.record(UndoEntry(Kind.TAP, tap, vm=request.vm, network=net.name))
                     self.devices.ensure_tap(tap, bridge, mtu)
                     fds.append(self.devices.open_tap(tap))
-                    taps.append(TapInfo(network=net.name, ifname=tap))
+                    taps.append(TapInfo(network=net.name, ifname=tap, nat=lease))
                 work = workdir.ensure_workdir(layout, job_log, info.uid, gid)
                 region: FamRegion | None = None
                 if request.fam is not None:

@@ -1,4 +1,4 @@
-"""A job's network devices: a bridge per private network, a tap per (VM, network), a VXLAN.
+"""A job's network devices: a bridge per network, a tap per (VM, network), a VXLAN.
 
 Devices are made with pyroute2 (netlink; taps through its tuntap support) and
 are persistent, so they outlive the agent and the file descriptors handed
@@ -14,7 +14,8 @@ one all-zeros entry per other host of the job (head-end replication:
 broadcast, unknown unicast and ARP go to every peer, no multicast needed),
 and exactly those.  The entries belong to the device: deleting it deletes
 them.  ``interface_ipv4`` and ``underlay_of`` tell which host interface
-carries a tunnel address and its MTU.
+carries a tunnel address and its MTU.  A nat network's bridge has the
+gateway's address (``ensure_gateway``); the address goes with the bridge.
 
 A tap is handed to the VM runner as an open file descriptor: ``/dev/net/tun``
 attached with TUNSETIFF ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``, the flags QEMU
@@ -35,6 +36,7 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from pyroute2 import IPRoute
@@ -96,6 +98,7 @@ def job_prefixes(job: str) -> JobPrefixes:
     return JobPrefixes(f"vcb{tag}n", f"vct{tag}v", f"vcx{tag}n")
 
 
+FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")  # of the agent's network namespace
 FLOOD = "00:00:00:00:00:00"  # the forwarding entry for broadcast and unknown destinations
 
 
@@ -115,6 +118,12 @@ class Devices(Protocol):
 
     def ensure_bridge(self, name: str, mtu: int) -> None:
         """Bridge ``name`` exists, is up and has ``mtu`` (made if missing)."""
+
+    def ensure_gateway(self, bridge: str, address: str) -> None:
+        """Bridge ``bridge`` has IPv4 ``address`` (CIDR; a nat network's gateway)."""
+
+    def ipv4_forwarding(self) -> bool:
+        """Whether this host forwards IPv4 (``net.ipv4.ip_forward``)."""
 
     def ensure_tap(self, name: str, bridge: str, mtu: int) -> None:
         """Persistent tap ``name`` exists, is a port of ``bridge``, has ``mtu`` and is up."""
@@ -199,6 +208,25 @@ class Netlink:
                 ipr.link("set", index=index, mtu=mtu, state="up")
         except NetlinkError as e:
             raise ResourceError(f"cannot make bridge {name}: {e}") from e
+
+    def ensure_gateway(self, bridge: str, address: str) -> None:
+        local, _, length = address.partition("/")
+        try:
+            with IPRoute() as ipr:
+                index = _index(ipr, bridge)
+                if index is None:
+                    raise ResourceError(f"bridge {bridge} is missing")
+                if local not in {a for _, a in _ipv4_addresses(ipr, index)}:
+                    ipr.addr("add", index=index, address=local, prefixlen=int(length))
+        except NetlinkError as e:
+            raise ResourceError(f"cannot give bridge {bridge} the address {address}: "
+                                f"{e}") from e
+
+    def ipv4_forwarding(self) -> bool:
+        try:
+            return FORWARDING.read_text().strip() == "1"
+        except OSError:
+            return False
 
     def ensure_tap(self, name: str, bridge: str, mtu: int) -> None:
         try:

@@ -16,6 +16,8 @@ user's), read with the project's loaders when the agent starts:
 - a job has at most ``protocol.MAX_REGIONS`` distinct region names on a host;
 - the VM index must be below the job's task count (SLURM's NumTasks; one
   task per VM), which ``jobs.py`` checks against what SLURM says;
+- a nat network's ``subnet`` (the pool of every job's block on a host) and
+  ``ssh-ports`` come from here (``nat.NatSite``);
 - a network joined between hosts (a VXLAN id: the ``vnis`` request, or a
   VM's network naming one) must be a site network whose type tunnels
   (``private``): its ``vni-range``, ``vxlan-port`` and underlay
@@ -30,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vcluster import networks as network_types
+from vcluster.agent.nat import NatSite
 from vcluster.agent.protocol import MAX_REGIONS, NetworkSpec, bad_request, denied
 from vcluster.config.resources import parse_networks, parse_resources
+from vcluster.networks.nat import NatNetwork
 from vcluster.networks.private import VXLAN_OVERHEAD, PrivateNetwork
 from vcluster.schema.fields import format_size
 from vcluster.schema.source import load_yaml
@@ -65,6 +69,7 @@ class SiteNetwork:
     mtu: int
     origin: str  # file:line of its definition
     tunnel: Tunnel | None = None  # set for the types whose networks span hosts
+    nat: NatSite | None = None  # set for nat networks
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,11 @@ class Policy:
                          f"{', '.join(tunneled) or 'none'})")
         return site.tunnel
 
+    def nat(self, name: str) -> NatSite | None:
+        """Site network ``name``'s NAT settings, if it is a nat network."""
+        site = self.networks.get(name)
+        return None if site is None else site.nat
+
     def underlay_interfaces(self) -> list[str]:
         """The interfaces networks.yaml names as tunnel underlays (``interface``)."""
         return sorted({s.tunnel.interface for s in self.networks.values()
@@ -150,8 +160,12 @@ def load_policy(directory: Path) -> Policy:
                             vni_origin=str(net.vni_origin or net.origin), port=net.vxlan_port,
                             interface=net.interface, interface_suffix=net.interface_suffix,
                             origin=str(net.origin))
+        nat = None
+        if isinstance(net, NatNetwork):
+            nat = NatSite(name=name, subnet=net.subnet, ssh_ports=net.ssh_ports,
+                          origin=str(net.origin))
         site[name] = SiteNetwork(name=name, type=net.type, mtu=net.mtu, origin=str(net.origin),
-                                 tunnel=tunnel)
+                                 tunnel=tunnel, nat=nat)
     fam_max, fam_from = 0, f"{res_path} defines no resource set"
     for rset in sets.values():
         if rset.fam_max_size > fam_max:

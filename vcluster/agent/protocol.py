@@ -26,6 +26,9 @@ request -> answer.
   must be below the job's task count; a FAM region may not exceed the
   largest ``fam.max-size`` in resources.yaml; a job has at most
   ``MAX_REGIONS`` region names per host.
+  A nat network gets the job a block of its subnet on this host, the
+  VM an address in it and a host port forwarded to its port 22
+  (``TapInfo.nat``), with the job's NAT rules (``agent/nat.py``).
   A network with a ``vni`` is joined to the job's other hosts: the VNI must
   be the one the agents took for the job's network (``vnis``); the agent
   adds a VXLAN device with forwarding entries towards every other host of
@@ -325,12 +328,23 @@ class PingAnswer:
 
 
 @dataclass(frozen=True)
+class NatLease:
+    """What a VM gets of a nat network on its host."""
+
+    address: str  # the VM's, CIDR (10.250.0.18/28)
+    gateway: str  # its default route (the host's side of the bridge)
+    ssh_address: str | None = None  # where others reach the VM's port 22: this host's
+    ssh_port: int | None = None  # address and a port of its forwarded there
+
+
+@dataclass(frozen=True)
 class TapInfo:
     """A tap made for the VM; its open file descriptor travels beside the answer."""
 
     network: str
     ifname: str
     mac: str | None = None  # None: the VM runner chooses (cluster.mac_address)
+    nat: NatLease | None = None  # set for a nat network
 
 
 @dataclass(frozen=True)

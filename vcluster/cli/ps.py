@@ -43,7 +43,7 @@ def vm_rows(c: Cluster) -> list[tuple[str, ...]]:
     for vm in c.spec.plan.vms:
         record = c.vms.get(vm.index)
         addresses = record.addresses if record and record.addresses else tuple(
-            nic.address.split("/")[0] for nic in vm.nics)
+            nic.address.split("/")[0] if nic.address else "?" for nic in vm.nics)
         rows.append((vm.name, (record.host if record else None) or "-",
                      record.state.value if record else "unknown",
                      ",".join(addresses) or "-", vm.fam.name if vm.fam else "-"))

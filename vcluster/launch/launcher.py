@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from vcluster import sshkeys
 from vcluster.cancel import Cancellation, ignored
 from vcluster.cluster import ClusterPlan, ClusterSpec
 from vcluster.errors import VclusterError
 from vcluster.identity import user_name
-from vcluster.launch import sshkeys
 from vcluster.launch.placement import Allocation, VmNeed, place, split_regions
 from vcluster.launch.progress import ProgressView
 from vcluster.launch.steps import RunnerStep, Step, StepStarter

@@ -51,8 +51,9 @@ class Network(ABC):
     mtu: int
 
     @abstractmethod
-    def nic_address(self, index: int, total: int) -> str:
-        """The CIDR address of VM ``index`` of ``total``; InputError if there is no room."""
+    def nic_address(self, index: int, total: int) -> str | None:
+        """The CIDR address of VM ``index`` of ``total`` (None: its host's agent gives it);
+        InputError if there is no room."""
 
 
 class NetworkPlugin(Protocol):

@@ -1,16 +1,20 @@
 """``type: nat``: a per-host bridge with NAT to the outside and ssh reachability.
 
-Every host has its own copy of the subnet (VMs on different hosts cannot talk
-over it); the host is the gateway (the subnet's first address) and forwards a
-port of its own to each VM's ssh port, so users reach VMs from the login
-node.  VM ``i`` gets the address ``i + 2``.  Neither the planner nor the agent
-makes nat networks yet (``KIND``): configuring one is accepted, using it is
-refused before anything is submitted.
+VMs on different hosts cannot talk over a nat network: each host of a job
+has a bridge of the job's own whose host side is the gateway, masquerading
+what leaves towards the host's route out.  ``subnet`` is the pool every job
+on a host draws from: the VM's host agent gives the job an aligned block of
+it (``block_prefix``: room for the job's VMs, the network address, the
+gateway and the broadcast address), the gateway is the block's first
+address and VM ``i`` gets ``i + 2``.  So the address is known only on the
+VM's host (``nic_address`` is None: the agent's answer carries it).  Each VM
+also gets a port of the host's from ``ssh-ports``, forwarded to its port 22.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 
 from vcluster.errors import InputError
@@ -18,7 +22,23 @@ from vcluster.networks import Network, NetworkKind
 from vcluster.networks.addressing import port_range, subnet
 from vcluster.schema.fields import Section
 
-KIND = NetworkKind("nat", default_mtu=1500, planned=False, built_by_agent=False)
+KIND = NetworkKind("nat", default_mtu=1500, planned=True, built_by_agent=True)
+RESERVED = 3  # a block's network, gateway and broadcast addresses
+SSH_PORT = 22  # the guest port the host's ssh port is forwarded to
+
+
+def block_prefix(vms: int) -> int:
+    """The prefix length of a block with room for ``vms`` VMs (VM ``i`` at ``i + 2``)."""
+    return 32 - max(2, math.ceil(math.log2(vms + RESERVED)))
+
+
+def vm_address(block: ipaddress.IPv4Network, index: int) -> ipaddress.IPv4Address:
+    """The address of VM ``index`` in ``block``."""
+    return block.network_address + 2 + index
+
+
+def gateway(block: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    return block.network_address + 1
 
 
 @dataclass(frozen=True)
@@ -26,13 +46,13 @@ class NatNetwork(Network):
     subnet: ipaddress.IPv4Network
     ssh_ports: tuple[int, int] | None
 
-    def nic_address(self, index: int, total: int) -> str:
-        room = self.subnet.num_addresses - 3  # network, gateway and broadcast addresses
-        if total > room:
+    def nic_address(self, index: int, total: int) -> str | None:
+        if block_prefix(total) < self.subnet.prefixlen:
+            room = 2 ** (32 - self.subnet.prefixlen) - RESERVED
             raise InputError(f"{self.origin}: network {self.name!r} ({self.subnet}) has room "
-                             f"for {room} VMs, not {total} (expected a larger subnet)")
-        address = ipaddress.IPv4Address(int(self.subnet.network_address) + 2 + index)
-        return f"{address}/{self.subnet.prefixlen}"
+                             f"for {room} VMs of one job on a host, not {total} (expected a "
+                             "larger subnet)")
+        return None  # the VM's host agent gives it
 
 
 def parse(name: str, section: Section) -> NatNetwork:

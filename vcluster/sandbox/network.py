@@ -1,7 +1,8 @@
 """The sandbox's machines: network namespaces joined by a bridge, and hostnames.
 
 The controller's network namespace holds a bridge with the controller's
-address; each host is a network namespace with one veth to that bridge.  Each
+address; each host is a network namespace with one veth to that bridge, and
+forwards IPv4 (as a site's hosts must, for nat networks).  Each
 machine also gets a UTS namespace (its hostname), kept alive by a bind mount
 so that every daemon and command entering the machine sees the same name.
 Nothing touches the machine's own network namespace.
@@ -83,6 +84,9 @@ def wire(state: SandboxState) -> None:
                 _up(ipr, "lo")
                 index = _up(ipr, host_ifname(state))
                 ipr.addr("add", index=index, address=host.address, prefixlen=PREFIXLEN)
+            # nat networks route their VMs' packets through the host (a per-namespace setting)
+            run(["nsenter", f"--net={netns_path(host.netns)}", "--", "sh", "-c",
+                 "echo 1 > /proc/sys/net/ipv4/ip_forward"])
     except (OSError, NetlinkError) as e:
         raise SandboxError(f"cannot set up the sandbox network: {e}") from e
 

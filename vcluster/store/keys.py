@@ -5,6 +5,8 @@ Everything lives under one configurable prefix (``store.prefix``, default
 
     <prefix>/hosts/<host>                              agent registration (lease)
     <prefix>/pools/vni/<id>                            VniHolder (compare-and-swap)
+    <prefix>/pools/nat/<network>/<host>/<block>        NatHolder: a job's block of a nat subnet
+    <prefix>/pools/ssh-ports/<host>/<port>             PortHolder: a host port forwarded to a VM
     <prefix>/jobs/<jobid>/owner                        JobOwner
     <prefix>/jobs/<jobid>/hosts/<host>/setup           HostSetup
     <prefix>/jobs/<jobid>/vni/<network>                the VXLAN id of the job's network
@@ -66,6 +68,23 @@ class Keys:
         if isinstance(vni, bool) or not 1 <= vni <= VNI_MAX:
             raise InputError(f"VXLAN id {vni!r} is out of range (expected 1 to {VNI_MAX})")
         return f"{self.vni_pool_prefix()}{vni}"
+
+    def nat_pool_prefix(self, network: str, host: str) -> str:
+        """The blocks of nat network ``network`` given out on ``host`` (keys: first address)."""
+        return (f"{self.prefix}/pools/nat/{check_component('network name', network)}/"
+                f"{check_component('host name', host)}/")
+
+    def nat_block(self, network: str, host: str, block: str) -> str:
+        return self.nat_pool_prefix(network, host) + check_component("address", block)
+
+    def port_pool_prefix(self, host: str) -> str:
+        """The ports of ``host`` forwarded to VMs' ssh ports (keys: the port)."""
+        return f"{self.prefix}/pools/ssh-ports/{check_component('host name', host)}/"
+
+    def port(self, host: str, port: int) -> str:
+        if isinstance(port, bool) or not 1 <= port <= 65535:
+            raise InputError(f"port {port!r} is out of range (expected 1 to 65535)")
+        return f"{self.port_pool_prefix(host)}{port}"
 
     # jobs (written by agents)
     def job_prefix(self, jobid: str) -> str:

@@ -61,6 +61,25 @@ class VniHolder:
     network: str
 
 
+@dataclass(frozen=True)
+class NatHolder:
+    """Who holds a block of a nat network on a host (``pools/nat/<network>/<host>/<block>``)."""
+
+    job: str
+    user: str
+    prefix: int  # the block's prefix length (its key is its first address)
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    """Who holds a host port forwarded to a VM's ssh port (``pools/ssh-ports/<host>/<port>``)."""
+
+    job: str
+    user: str
+    vm: int
+    network: str
+
+
 class SetupState(Enum):
     """How far an agent got setting up a job on its host."""
 
@@ -85,6 +104,14 @@ class HostSetup:
 
 
 @dataclass(frozen=True)
+class SshEndpoint:
+    """Where a VM's ssh server is reached from outside its host: a host port forwarded to it."""
+
+    address: str  # the VM's host's (its registered address)
+    port: int
+
+
+@dataclass(frozen=True)
 class VmRecord:
     """One VM's published state (``users/<user>/clusters/<jobid>/vms/<i>``)."""
 
@@ -94,6 +121,9 @@ class VmRecord:
     since: float = 0.0  # when the VM entered this state (seconds since the epoch)
     error: str | None = None
     console_tail: tuple[str, ...] = ()  # last console lines, published when a VM fails
+    ssh: SshEndpoint | None = None  # set once the VM's host forwards a port to it
+    host_key: str | None = None  # the guest's ssh host key ("ssh-ed25519 AAAA..."), made by
+    # its runner: what the cluster's known_hosts holds for it
 
     def __post_init__(self) -> None:
         if (self.state is VmState.FAILED) != (self.error is not None):
@@ -101,8 +131,10 @@ class VmRecord:
 
     def moved_to(self, state: VmState, since: float, *, error: str | None = None,
                  host: str | None = None, addresses: tuple[str, ...] | None = None,
-                 console_tail: tuple[str, ...] = ()) -> VmRecord:
-        """The record after a legal transition (IllegalTransition otherwise)."""
+                 console_tail: tuple[str, ...] = (), ssh: SshEndpoint | None = None,
+                 host_key: str | None = None) -> VmRecord:
+        """The record after a legal transition (IllegalTransition otherwise); a field
+        given as None keeps its value."""
         check_transition(self.state, state)
         return VmRecord(
             state=state,
@@ -111,4 +143,6 @@ class VmRecord:
             since=since,
             error=error,
             console_tail=console_tail,
+            ssh=self.ssh if ssh is None else ssh,
+            host_key=self.host_key if host_key is None else host_key,
         )

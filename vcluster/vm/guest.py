@@ -5,8 +5,14 @@ VM, /etc/hosts listing the whole cluster, the cluster's ssh key authorized
 for the default user, a network-config matching each NIC by its MAC, and a
 ``final_message`` that the runner waits for on the serial console.
 
+A nat network's address and gateway come from the VM's host agent (``NicAddress``);
+the guest's ssh host key is made by its runner and given in the seed, so the
+cluster's known_hosts holds it before the guest boots (cloud-init's
+``ssh_keys``; for images without cloud-init, the seed's ``vcluster/`` files).
+
 The tiny image is not cloud-init: its /init sets the hostname and addresses
-from meta-data and network-config and runs a ``#!`` user-data script.  For it
+from meta-data and network-config, starts its ssh server with the seed's
+host key and authorized keys, and runs a ``#!`` user-data script.  For it
 the user-data is a script that writes /etc/hosts, then runs the template's
 own script unchanged.
 """
@@ -26,6 +32,7 @@ from vcluster.seed import (
     network_config,
     required_config,
 )
+from vcluster.sshkeys import KeyPair
 
 TINY_READY = "vcluster-tiny: ready hostname="
 
@@ -46,10 +53,33 @@ def instance_id(job: str, vm: VmPlan) -> str:
     return f"vcluster-{job}-{vm.name}"
 
 
-def interfaces(job: str, vm: VmPlan) -> list[Interface]:
+@dataclass(frozen=True)
+class NicAddress:
+    """A NIC's address (CIDR) and gateway, where its host's agent gave them (nat)."""
+
+    address: str
+    gateway: str | None = None
+
+
+def nic_addresses(vm: VmPlan, given: dict[int, NicAddress] | None = None) -> list[NicAddress]:
+    """Each NIC's address, in order: the plan's, or the one ``given`` by NIC number."""
+    given = given or {}
+    out = []
+    for n, nic in enumerate(vm.nics):
+        if n in given:
+            out.append(given[n])
+        elif nic.address is not None:
+            out.append(NicAddress(nic.address))
+        else:
+            raise ValueError(f"{vm.name}: NIC {n} on network {nic.network} has no address")
+    return out
+
+
+def interfaces(job: str, vm: VmPlan, given: dict[int, NicAddress] | None = None
+               ) -> list[Interface]:
     return [Interface(mac=mac_address(job, vm.index, n), name=f"eth{n}",
-                      addresses=(nic.address,), mtu=nic.mtu)
-            for n, nic in enumerate(vm.nics)]
+                      addresses=(a.address,), gateway=a.gateway, mtu=nic.mtu)
+            for n, (nic, a) in enumerate(zip(vm.nics, nic_addresses(vm, given), strict=True))]
 
 
 def guest_settings(spec: ClusterSpec, vm: VmPlan) -> GuestSettings:
@@ -59,6 +89,12 @@ def guest_settings(spec: ClusterSpec, vm: VmPlan) -> GuestSettings:
         ssh_authorized_keys=(spec.ssh_public_key,) if spec.ssh_public_key else (),
         final_message=ready_message(vm),
     )
+
+
+def host_key_config(key: KeyPair) -> dict[str, Any]:
+    """cloud-init's ssh settings for a host key of ours: it, and no other (none generated)."""
+    return {"ssh_keys": {"ed25519_private": key.private, "ed25519_public": key.public},
+            "ssh_deletekeys": True, "ssh_genkeytypes": []}
 
 
 def _heredoc(path: str, text: str, tag: str) -> list[str]:
@@ -83,23 +119,35 @@ def tiny_user_data(settings: GuestSettings, template: str | None) -> str:
 
 @dataclass(frozen=True)
 class SeedFiles:
-    """The three NoCloud files of one VM."""
+    """The NoCloud files of one VM, and the files for images without cloud-init."""
 
     meta_data: dict[str, str]
     user_data: str
     network_config: dict[str, Any] | None
+    guest_files: dict[str, str]  # the seed's vcluster/ directory
 
 
-def seed_files(spec: ClusterSpec, vm: VmPlan) -> SeedFiles:
+def seed_files(spec: ClusterSpec, vm: VmPlan, *, given: dict[int, NicAddress] | None = None,
+               host_key: KeyPair | None = None) -> SeedFiles:
     settings = guest_settings(spec, vm)
+    guest_files: dict[str, str] = {}
     if vm.boot.readiness is Readiness.TINY_INIT:
         user_data = tiny_user_data(settings, vm.user_data)
+        if settings.ssh_authorized_keys:
+            guest_files["authorized_keys"] = "".join(
+                f"{k}\n" for k in settings.ssh_authorized_keys)
+        if host_key is not None:
+            guest_files["ssh_host_ed25519_key"] = host_key.private
     else:
-        user_data = merge_user_data(vm.user_data, required_config(settings))
-    nics = interfaces(spec.job, vm)
+        required = required_config(settings)
+        if host_key is not None:
+            required.update(host_key_config(host_key))
+        user_data = merge_user_data(vm.user_data, required)
+    nics = interfaces(spec.job, vm, given)
     return SeedFiles(meta_data=meta_data(instance_id(spec.job, vm), vm.name),
                      user_data=user_data,
-                     network_config=network_config(nics) if nics else None)
+                     network_config=network_config(nics) if nics else None,
+                     guest_files=guest_files)
 
 
 def tiny_ignores_user_data(vm: VmPlan) -> bool:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
+from vcluster import sshkeys
 from vcluster.agent.client import AgentClient, VmDevices
 from vcluster.agent.protocol import FamSpec, NetworkSpec
 from vcluster.cancel import Cancellation, Cancelled
@@ -44,7 +45,7 @@ from vcluster.seed import write_seed
 from vcluster.session import open_user_store
 from vcluster.store.base import Store
 from vcluster.store.keys import Keys
-from vcluster.store.records import from_json
+from vcluster.store.records import SshEndpoint, from_json
 from vcluster.vm import guest
 from vcluster.vm.accel import Accel, choose_accel
 from vcluster.vm.console import tail_lines
@@ -89,6 +90,9 @@ class Prepared:
     files: VmFiles
     devices: VmDevices
     release_devices: Callable[[], None]  # closes our copies of the devices' fds, once
+    addresses: tuple[str, ...]  # every NIC's, as the guest has them (no prefix length)
+    ssh: SshEndpoint | None  # the host port forwarded to the guest's port 22
+    host_key: str  # the public half of the guest's ssh host key
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,7 @@ class Runner:
         opts = self.options
         self.cancellation.check(self.name)
         spec, vm = self.read_spec(publisher.store)
-        addresses = tuple(nic.address.split("/")[0] for nic in vm.nics)
+        addresses = tuple(nic.address.split("/")[0] for nic in vm.nics if nic.address)
         publisher.move(VmState.PREPARING, host=opts.host, addresses=addresses)
         networks = [NetworkSpec(n.network, n.type, n.mtu, vni=spec.vnis.get(n.network))
                     for n in vm.nics]
@@ -229,14 +233,21 @@ class Runner:
         stack.callback(remove_vm_files, files)
         self.cancellation.check(self.name)
         make_disks(vm, files)
-        seed = guest.seed_files(spec, vm)
+        given = {n: guest.NicAddress(t.nat.address, t.nat.gateway)
+                 for n, t in enumerate(devices.taps) if t.nat is not None}
+        ssh = next((SshEndpoint(t.nat.ssh_address, t.nat.ssh_port) for t in devices.taps
+                    if t.nat is not None and t.nat.ssh_address and t.nat.ssh_port), None)
+        host_key = sshkeys.generate(f"vcluster-{opts.job}-{self.name}")
+        seed = guest.seed_files(spec, vm, given=given, host_key=host_key)
         write_seed(files.seed, meta_data=seed.meta_data, user_data=seed.user_data,
-                   network_config=seed.network_config)
+                   network_config=seed.network_config, guest_files=seed.guest_files)
         if guest.tiny_ignores_user_data(vm):
             log.warning("%s: the tiny image runs only #! user-data scripts; the template's "
                         "cloud-config is ignored", self.name)
         self.cancellation.check(self.name)
-        return Prepared(spec, vm, publisher, files, devices, fds.close)
+        addresses = tuple(a.address.split("/")[0] for a in guest.nic_addresses(vm, given))
+        return Prepared(spec, vm, publisher, files, devices, fds.close, addresses, ssh,
+                        host_key.public)
 
     # ------------------------------------------------------------ booting
 
@@ -255,7 +266,8 @@ class Runner:
         proc = self.start_qemu(qemu_spec, files)
         machine.callback(self._end_qemu, proc, qmp)
         prepared.release_devices()  # QEMU has its own copies now
-        prepared.publisher.move(VmState.BOOTING)
+        prepared.publisher.move(VmState.BOOTING, addresses=prepared.addresses,
+                                ssh=prepared.ssh, host_key=prepared.host_key)
         try:
             qmp.connect(time.monotonic() + QMP_CONNECT_TIMEOUT, lambda: proc.poll() is None)
         except QmpError:

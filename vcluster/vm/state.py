@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from vcluster.lifecycle import VmState
 from vcluster.store.base import Store
-from vcluster.store.records import VmRecord, from_json, to_json
+from vcluster.store.records import SshEndpoint, VmRecord, from_json, to_json
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,12 @@ class Publisher:
 
     def move(self, state: VmState, *, error: str | None = None, host: str | None = None,
              addresses: tuple[str, ...] | None = None,
-             console_tail: tuple[str, ...] = ()) -> VmRecord:
+             console_tail: tuple[str, ...] = (), ssh: SshEndpoint | None = None,
+             host_key: str | None = None) -> VmRecord:
         """Publish ``state`` (IllegalTransition if it cannot follow the current one)."""
         record = self.record.moved_to(state, self.clock(), error=error, host=host,
-                                      addresses=addresses, console_tail=console_tail)
+                                      addresses=addresses, console_tail=console_tail,
+                                      ssh=ssh, host_key=host_key)
         self.store.put(self.key, to_json(record))
         self.record = record
         log.info("%s: %s%s", self.name, state, f" ({error})" if error else "")

@@ -1,4 +1,5 @@
-"""The per-cluster ssh key pair, made at launch and kept under the user's store prefix."""
+"""ssh key pairs: the cluster's (made at launch, kept under the user's store prefix) and each
+guest's host key (made by its runner, published with the VM's record)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ PUBLIC = "id_ed25519.pub"
 
 @dataclass(frozen=True)
 class KeyPair:
-    private: str
-    public: str
+    private: str  # OpenSSH format
+    public: str  # one line: "ssh-ed25519 AAAA... comment"
 
 
 def generate(comment: str) -> KeyPair:
