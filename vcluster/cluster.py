@@ -57,6 +57,7 @@ class BootPlan:
     disk: Path | None  # the base disk the VM's overlay is made over
     append: str
     readiness: Readiness
+    user: str = "root"  # the image's default login user (ssh, exec)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def _boot(t: Template, repos: Sequence[Path]) -> BootPlan:
         disk=(image.disk if image else disk) if kind == "disk" else None,
         append=append,
         readiness=Readiness.TINY_INIT if kind == "initramfs" else Readiness.FINAL_MESSAGE,
+        user=str(getattr(image.info, "user", "root")) if image else "root",
     )
 
 

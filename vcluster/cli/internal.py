@@ -10,6 +10,8 @@ INTERNAL: dict[str, str] = {
     "launcher": "vcluster.launch.command:launcher",
     "vm": "vcluster.vm.command:vm",
     "console-attach": "vcluster.vm.command:console_attach",
+    "exec": "vcluster.vm.command:guest_exec",
+    "nc": "vcluster.vm.command:nc",
 }
 
 

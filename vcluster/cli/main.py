@@ -24,8 +24,13 @@ COMMANDS: dict[str, str] = {
     "console": "vcluster.cli.console:console",
     "image": "vcluster.cli.image:image",
     "internal": "vcluster.cli.internal:internal",
+    "exec": "vcluster.cli.exec:exec_command",
+    "nc": "vcluster.cli.ssh:nc",
     "ps": "vcluster.cli.ps:ps",
     "sandbox": "vcluster.cli.sandbox:sandbox",
+    "scp": "vcluster.cli.ssh:scp",
+    "ssh": "vcluster.cli.ssh:ssh",
+    "ssh-config": "vcluster.cli.ssh:ssh_config",
     "template": "vcluster.cli.template:template",
 }
 

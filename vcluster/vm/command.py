@@ -1,4 +1,4 @@
-"""``vcluster internal vm`` and ``vcluster internal console-attach`` (light imports only)."""
+"""``vcluster internal vm``, ``console-attach``, ``exec`` and ``nc`` (light imports only)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,78 @@ def console_attach(job: str, index: int, show_log: bool, lines: int | None) -> N
         print_log(files.console_log, what, lines)
         return
     attach(files.console_socket, what)
+
+
+EXEC_STATUS = "\x1evcluster-exec-status "  # the last stdout line of internal exec: JSON statuses
+
+
+@click.command("exec")
+@click.option("--job", envvar="SLURM_JOB_ID", required=True, metavar="JOBID",
+              help="The SLURM job (default: $SLURM_JOB_ID).")
+@click.option("--vm", "indexes", type=click.IntRange(min=0), multiple=True, required=True,
+              metavar="N", help="A VM of the job on this host (repeatable).")
+@click.option("-u", "--user", default=None, metavar="USER", help="Run as USER in the guest.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Give up on a command after SECONDS (status 124).")
+@click.option("--names/--no-names", default=False, help="Put each VM's name before its lines.")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def guest_exec(job: str, indexes: tuple[int, ...], user: str | None, timeout: float | None,
+               names: bool, argv: tuple[str, ...]) -> None:
+    """Run ARGV in VMs of this host through their guest agents, in parallel.
+
+    Each VM's output goes to this command's stdout and stderr once its command
+    has ended (with ``vmN: `` before each line with --names); the last stdout
+    line is a status line that vcluster exec reads. Runs on the VMs' host
+    inside the job (vcluster exec uses srun --overlap for that).
+    """
+    import json
+    import threading
+
+    from vcluster.config.loader import load_batch
+    from vcluster.errors import VclusterError
+    from vcluster.vm.guestexec import GuestAgent, as_user
+
+    layout = load_batch().directories.layout
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def emit(stream: int, name: str, data: bytes) -> None:
+        if not data:
+            return
+        if names:
+            lines = data.decode(errors="replace").splitlines()
+            data = "".join(f"{name}: {line}\n" for line in lines).encode()
+        out = sys.stdout.buffer if stream == 1 else sys.stderr.buffer
+        out.write(data)
+        out.flush()
+
+    def one(index: int) -> None:
+        name = f"vm{index}"
+        try:
+            with GuestAgent(layout.vm(job, index).guest_agent_socket, name) as agent:
+                done = agent.run(as_user(user, argv), timeout)
+            status, out, err = done.status, done.stdout, done.stderr
+        except VclusterError as e:
+            status, out, err = 255, b"", f"vcluster: error: {e}\n".encode()
+        with lock:
+            emit(1, name, out)
+            emit(2, name, err)
+            statuses[name] = status
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in indexes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sys.stdout.write(EXEC_STATUS + json.dumps(statuses) + "\n")
+    sys.stdout.flush()
+
+
+@click.command("nc")
+@click.argument("address")
+@click.argument("port", type=click.IntRange(1, 65535))
+def nc(address: str, port: int) -> None:
+    """Relay stdin and stdout to ADDRESS:PORT from this host (vcluster nc, through the job)."""
+    from vcluster.relay import relay_tcp
+
+    sys.exit(relay_tcp(address, port))
