@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import shlex
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ def as_user(user: str | None, argv: Sequence[str]) -> list[str]:
     """``argv`` run as ``user`` (None or root: as it is): through su, which busybox has too."""
     if user is None or user == "root":
         return list(argv)
-    return ["su", "-s", "/bin/sh", "-c", 'exec "$0" "$@"', user, "--", *argv]
+    return ["su", "-s", "/bin/sh", "-c", "exec " + shlex.join(argv), user]
 
 
 class GuestAgent:
