@@ -230,6 +230,19 @@ def store_keys(box: Sandbox, prefix: str) -> list[str]:
     return keys
 
 
+def store_value(box: Sandbox, key: str) -> str | None:
+    """One key's value in the sandbox's store (read as root), None if absent."""
+    code = (_OPEN_STORE + f"e = s.get({key!r}); "
+            "print(json.dumps(None if e is None else e.value))")
+    value: str | None = json.loads(box.run([sys.executable, "-c", code]).stdout)
+    return value
+
+
+def store_put(box: Sandbox, key: str, value: str) -> None:
+    """Write one key in the sandbox's store, as root."""
+    box.run([sys.executable, "-c", _OPEN_STORE + f"s.put({key!r}, {value!r})"])
+
+
 def store_entries(box: Sandbox, prefix: str) -> dict[str, str]:
     """The keys under ``prefix`` and their values."""
     code = _OPEN_STORE + f"print(json.dumps({{e.key: e.value for e in s.get_prefix({prefix!r})}}))"

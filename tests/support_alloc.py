@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support_agent import (
-    _OPEN_STORE,
     JobTool,
     epilog_ran,
     nothing_left,
     store_keys,
+    store_value,
     wait_for,
 )
 from tests.support_sandbox import Sandbox
@@ -205,14 +205,6 @@ def job_hosts(box: Sandbox, job: str) -> list[str]:
     return sorted(hosts)
 
 
-def store_value(box: Sandbox, key: str) -> str | None:
-    """One key's value in the sandbox's store (read as root), None if absent."""
-    code = (_OPEN_STORE + f"e = s.get({key!r}); "
-            "print(json.dumps(None if e is None else e.value))")
-    value: str | None = json.loads(box.run([sys.executable, "-c", code]).stdout)
-    return value
-
-
 def touch(path: Path) -> None:
     path.touch()
     os.chmod(path, 0o666)
@@ -234,3 +226,28 @@ def alloc_pid(user: str) -> int:
                 return int(entry.name)
     raise AssertionError(f"no vcluster alloc process of {user}")
 
+
+def nothing_left_anywhere(sandbox: Sandbox, tool: JobTool, job: str, user: str,
+                          hosts: Sequence[str] = ("h1", "h2", "h3")) -> None:
+    """Once the job's epilogs ran: nothing of it on any host, nor in the store's pools."""
+    ran_on = job_hosts(sandbox, job)
+    assert ran_on, f"no prolog of job {job} logged"
+    for host in ran_on:
+        assert_nothing_left(sandbox, tool, job, user, host)
+    for host in set(hosts) - set(ran_on):
+        nothing_left(tool, job, host)
+    held = [k for k in store_keys(sandbox, "/vcluster/pools/")
+            if pool_owner(sandbox, k) == job]
+    assert held == []
+
+
+def pool_owner(sandbox: Sandbox, key: str) -> str | None:
+    """The job a pool entry names (its value is the job id, or JSON with "job")."""
+    value = store_value(sandbox, key)
+    if value is None:
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return value
+    return str(data.get("job")) if isinstance(data, dict) else str(data)

@@ -8,7 +8,6 @@ reads and writes happen inside the guests, so the tests check the sharing itself
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +15,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.support_agent import JobTool, job_tool, nothing_left, store_keys, unix_users
+from tests.support_agent import (
+    JobTool,
+    job_tool,
+    store_value,
+    unix_users,
+)
 from tests.support_alloc import (
     BackgroundAlloc,
     Shared,
     alloc,
-    assert_nothing_left,
     background_alloc,
-    job_hosts,
+    nothing_left_anywhere,
     shared_dir,
-    store_value,
     touch,
     wait_flag,
 )
@@ -142,31 +144,6 @@ def arp_replies(shell: GuestShell, address: str) -> set[str]:
 def finish(running: BackgroundAlloc, shared: Shared, flag: str) -> None:
     touch(shared.flags / flag)
     assert running.finish(120) == 0, running.output
-
-
-def nothing_left_anywhere(sandbox: Sandbox, tool: JobTool, job: str, user: str) -> None:
-    """Once the job's epilogs ran: nothing of it on any host, nor in the store's pools."""
-    ran_on = job_hosts(sandbox, job)
-    assert ran_on, f"no prolog of job {job} logged"
-    for host in ran_on:
-        assert_nothing_left(sandbox, tool, job, user, host)
-    for host in set(HOSTS) - set(ran_on):
-        nothing_left(tool, job, host)
-    held = [k for k in store_keys(sandbox, "/vcluster/pools/")
-            if pool_owner(sandbox, k) == job]
-    assert held == []
-
-
-def pool_owner(sandbox: Sandbox, key: str) -> str | None:
-    """The job a pool entry names (its value is the job id, or JSON with "job")."""
-    value = store_value(sandbox, key)
-    if value is None:
-        return None
-    try:
-        data = json.loads(value)
-    except ValueError:
-        return value
-    return str(data.get("job")) if isinstance(data, dict) else str(data)
 
 
 # ------------------------------------------------------------------ one VM per host

@@ -18,7 +18,7 @@ from vcluster.identity import user_name
 from vcluster.lifecycle import VmState
 from vcluster.store.keys import Keys
 from vcluster.store.memory import MemoryStore
-from vcluster.store.records import VmRecord, to_json
+from vcluster.store.records import SshEndpoint, VmRecord, to_json
 
 KEYS = Keys("/vcluster")
 USER = user_name()
@@ -34,7 +34,8 @@ def spec(job: str, *, vnis: dict[str, int] | None = None) -> ClusterSpec:
 
 
 RECORDS = {
-    0: VmRecord(VmState.READY, host="h1", addresses=("10.77.0.1",)),
+    0: VmRecord(VmState.READY, host="h1", addresses=("10.77.0.1",),
+                ssh=SshEndpoint("10.199.0.11", 20001)),
     1: VmRecord(VmState.READY, host="h1", addresses=("10.77.0.2",)),
     2: VmRecord(VmState.BOOTING, host="h2", addresses=("10.77.0.3",)),
     3: VmRecord(VmState.PENDING),
@@ -45,10 +46,10 @@ def test_each_vm_with_host_state_addresses_and_region() -> None:
     c = Cluster(spec("12", vnis={"cluster": 4096}), RECORDS)
     assert cluster_header(c) == "job 12 (vcluster): 4 VMs (tiny-fam:2,tiny:2); VNIs: cluster=4096"
     assert vm_rows(c) == [
-        ("vm0", "h1", "ready", "10.77.0.1", "fam"),
-        ("vm1", "h1", "ready", "10.77.0.2", "fam"),
-        ("vm2", "h2", "booting", "10.77.0.3", "-"),
-        ("vm3", "-", "pending", "10.77.0.4", "-"),  # planned address until its runner says
+        ("vm0", "h1", "ready", "10.77.0.1", "fam", "10.199.0.11:20001"),
+        ("vm1", "h1", "ready", "10.77.0.2", "fam", "-"),
+        ("vm2", "h2", "booting", "10.77.0.3", "-", "-"),
+        ("vm3", "-", "pending", "10.77.0.4", "-", "-"),  # planned address until its runner says
     ]
     assert cluster_row(c) == ("12", "vcluster", "4", "1 booting, 1 pending, 2 ready", "h1,h2")
 
@@ -56,7 +57,7 @@ def test_each_vm_with_host_state_addresses_and_region() -> None:
 def test_a_cluster_without_vnis_or_records() -> None:
     c = Cluster(spec("7"), {})
     assert cluster_header(c) == "job 7 (vcluster): 4 VMs (tiny-fam:2,tiny:2)"
-    assert vm_rows(c)[0] == ("vm0", "-", "unknown", "10.77.0.1", "fam")
+    assert vm_rows(c)[0] == ("vm0", "-", "unknown", "10.77.0.1", "fam", "-")
 
 
 @pytest.fixture
@@ -79,11 +80,11 @@ def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryStore]:
 
 VMS_OF_12 = """\
 job 12 (vcluster): 4 VMs (tiny-fam:2,tiny:2); VNIs: cluster=4096
-VM   HOST  STATE    ADDRESSES  FAM
-vm0  h1    ready    10.77.0.1  fam
-vm1  h1    ready    10.77.0.2  fam
-vm2  h2    booting  10.77.0.3  -
-vm3  -     pending  10.77.0.4  -
+VM   HOST  STATE    ADDRESSES  FAM  SSH
+vm0  h1    ready    10.77.0.1  fam  10.199.0.11:20001
+vm1  h1    ready    10.77.0.2  fam  -
+vm2  h2    booting  10.77.0.3  -    -
+vm3  -     pending  10.77.0.4  -    -
 """
 
 

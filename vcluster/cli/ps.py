@@ -12,7 +12,7 @@ from vcluster.cli.common import print_table
 if TYPE_CHECKING:
     from vcluster.cli.clusters import Cluster
 
-VM_HEADERS = ("VM", "HOST", "STATE", "ADDRESSES", "FAM")
+VM_HEADERS = ("VM", "HOST", "STATE", "ADDRESSES", "FAM", "SSH")
 
 
 def cluster_row(c: Cluster) -> tuple[str, ...]:
@@ -38,7 +38,8 @@ def cluster_header(c: Cluster) -> str:
 
 
 def vm_rows(c: Cluster) -> list[tuple[str, ...]]:
-    """One row per VM: name, host, state, addresses, FAM region (``-`` where none yet)."""
+    """One row per VM: name, host, state, addresses, FAM region, ssh port (``-`` where none
+    yet)."""
     rows: list[tuple[str, ...]] = []
     for vm in c.spec.plan.vms:
         record = c.vms.get(vm.index)
@@ -46,7 +47,9 @@ def vm_rows(c: Cluster) -> list[tuple[str, ...]]:
             nic.address.split("/")[0] if nic.address else "?" for nic in vm.nics)
         rows.append((vm.name, (record.host if record else None) or "-",
                      record.state.value if record else "unknown",
-                     ",".join(addresses) or "-", vm.fam.name if vm.fam else "-"))
+                     ",".join(addresses) or "-", vm.fam.name if vm.fam else "-",
+                     f"{record.ssh.address}:{record.ssh.port}" if record and record.ssh
+                     else "-"))
     return rows
 
 
@@ -63,7 +66,8 @@ def _one(clusters: list[Cluster], job: str) -> Cluster:
 
 @click.command()
 @click.option("-l", "--long", "long_", is_flag=True,
-              help="List every VM of each cluster: host, state, addresses, FAM region.")
+              help="List every VM of each cluster: host, state, addresses, FAM region, "
+                   "ssh port.")
 @cluster_options
 @click.argument("job", required=False, metavar="[JOB]")
 @click.pass_context
