@@ -30,8 +30,6 @@ from tests.support_agent import (
 )
 from tests.support_sandbox import Sandbox
 
-QGA_SCRIPT = (Path(__file__).resolve().parent / "helpers" / "qga_exec.py").read_text()
-
 _JOB = re.compile(r"vcluster: job (\d+): starting")
 
 
@@ -49,10 +47,6 @@ class Shared:
     def flags(self) -> Path:
         return self.root / "flags"
 
-    @property
-    def qga(self) -> Path:
-        return self.root / "qga.py"
-
 
 @contextlib.contextmanager
 def shared_dir(templates: str, files: dict[str, str]) -> Iterator[Shared]:
@@ -67,8 +61,6 @@ def shared_dir(templates: str, files: dict[str, str]) -> Iterator[Shared]:
             (shared.home / name).chmod(0o755)
         shared.flags.mkdir()
         shared.flags.chmod(0o1777)
-        shared.qga.write_text(QGA_SCRIPT)
-        shared.qga.chmod(0o644)
         yield shared
     finally:
         shutil.rmtree(root, ignore_errors=True)

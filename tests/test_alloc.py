@@ -107,8 +107,10 @@ echo "host file: $(od -A n -t x4 -N 4 {run_dir}/jobs/$VCLUSTER_JOB_ID/fam/fam)"
 
 def test_debian_cloud_init_applies_the_seed(sandbox: Sandbox, shared: Shared,
                                             tool: JobTool) -> None:
+    """The debian image end to end: cloud-init's hostname, /etc/hosts, the cluster's key for
+    the image's default user and the runner's host key (vcluster ssh checks it), the nat
+    network's address and default route, and exec through qemu-guest-agent."""
     require_image("debian")
-    work = sandbox.directory / "hosts" / "h1" / "state" / "work"
     pubkey = (f"{sys.executable} -c \"from vcluster.identity import user_name; "
               "from vcluster.config.loader import "
               "load_config; from vcluster.session import open_user_store; "
@@ -116,11 +118,12 @@ def test_debian_cloud_init_applies_the_seed(sandbox: Sandbox, shared: Shared,
               "s = open_user_store(c.batch); k = Keys(c.batch.store.prefix).cluster_key("
               "user_name(), '$VCLUSTER_JOB_ID', 'id_ed25519.pub'); "
               "print('cluster key:', s.get(k).value)\"")
-    guest = "echo hostname: $(hostname); cat /etc/hosts; cat /home/*/.ssh/authorized_keys"
+    guest = ("echo hostname: $(hostname); echo user: $(id -un); cat /etc/hosts; "
+             "cat ~/.ssh/authorized_keys; ip route")
     script = f"""set -e
 {pubkey}
-srun --overlap -w h1 -n1 {sys.executable} {shared.qga} {work}/$VCLUSTER_JOB_ID/vm0/qga.sock \
-    '{guest}'
+vcluster ssh vm0 '{guest}'
+vcluster exec vm0 -- sh -c 'echo exec: $(hostname) as $(id -un)'
 """
     proc = alloc(sandbox, ALICE, shared.home, "-c", "1", "-w", "h1", "-E", script, "debian:1")
     out = proc.stdout + proc.stderr
@@ -128,10 +131,12 @@ srun --overlap -w h1 -n1 {sys.executable} {shared.qga} {work}/$VCLUSTER_JOB_ID/v
     job = job_of(out)
     key = re.search(r"^cluster key: (ssh-ed25519 \S+)", out, re.M)
     assert key, out
-    assert "hostname: vm0" in out
+    assert "hostname: vm0" in out and "user: debian" in out, out
     assert re.search(r"^10\.200\.0\.1\s+vm0\b", out, re.M), out  # /etc/hosts lists the cluster
     authorized = [line for line in out.splitlines() if line.startswith("ssh-ed25519 ")]
     assert any(line.split()[1] == key.group(1).split()[1] for line in authorized), out
+    assert re.search(r"^default via 10\.250\.\d+\.\d+ dev \S+", out, re.M), out
+    assert "exec: vm0 as root" in out, out
     assert_nothing_left(sandbox, tool, job, ALICE)
 
 
