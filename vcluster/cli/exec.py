@@ -17,7 +17,7 @@ from typing import IO
 
 import click
 
-from vcluster.cli.clusters import cluster_options
+from vcluster.cli.clusters import Cluster, cluster_options
 
 _RANGE_RE = re.compile(r"^(?:vm)?\[([0-9,\-]+)\]$")
 
@@ -125,20 +125,27 @@ def exec_command(ctx: click.Context, jobid: str | None, jobname: str | None, use
                                 f"yet (state: {state})")
         hosts.setdefault(record.host, []).append(i)
     statuses = _run(cluster.spec.job, hosts, command, user, timeout, names=len(indexes) > 1)
-    missing = [i for i in indexes if i not in statuses]
-    for i in missing:
-        click.echo(f"vcluster: error: vm{i}: no answer from its host", err=True)
-        statuses[i] = 255
+    templates = {vm.index: vm.template for vm in cluster.spec.plan.vms}
+    for i in indexes:
+        if i not in statuses:
+            click.echo(f"vcluster: error: vm{i}: no answer from its host {record_host(cluster, i)}"
+                       " (see the lines above)", err=True)
+            statuses[i] = 1
+        elif statuses[i] < 0:
+            click.echo(f"vcluster: error: vm{i}: its guest agent did not answer: does the image "
+                       f"of template {templates[i]!r} run qemu-guest-agent?", err=True)
+            statuses[i] = 1
     if len(indexes) == 1:
         raise SystemExit(statuses[indexes[0]])
     line = summary(statuses)
     if line is not None:
-        templates = {vm.index: vm.template for vm in cluster.spec.plan.vms}
-        unreachable = sorted({templates[i] for i, s in statuses.items() if s == 255})
-        if unreachable:
-            line += f" (255: no guest agent answered; templates {', '.join(unreachable)})"
         click.echo(f"vcluster: exec: {line}", err=True)
     raise SystemExit(next((statuses[i] for i in indexes if statuses[i] != 0), 0))
+
+
+def record_host(cluster: Cluster, index: int) -> str:
+    record = cluster.vms.get(index)
+    return (record.host if record else None) or "?"
 
 
 def _run(job: str, hosts: dict[str, list[int]], command: Sequence[str], user: str | None,

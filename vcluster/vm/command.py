@@ -120,8 +120,8 @@ def guest_exec(job: str, indexes: tuple[int, ...], user: str | None, timeout: fl
             with GuestAgent(layout.vm(job, index).guest_agent_socket, name) as agent:
                 done = agent.run(as_user(user, argv), timeout)
             status, out, err = done.status, done.stdout, done.stderr
-        except VclusterError as e:
-            status, out, err = 255, b"", f"vcluster: error: {e}\n".encode()
+        except VclusterError as e:  # no guest agent: -1 in the status line, not an exit status
+            status, out, err = -1, b"", f"vcluster: error: {e}\n".encode()
         with lock:
             emit(1, name, out)
             emit(2, name, err)
