@@ -36,15 +36,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -55,74 +51,16 @@ if TYPE_CHECKING:
 if __package__ in (None, ""):  # run as ``python3 bench/network.py``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.sandbox import cluster, flag_directory, sandbox
+from bench.sandbox import fail as bench_fail
+
 HOSTS = ("h1", "h2")
 FLAG = "bench-network-done"
 READY_TIMEOUT = 180.0
 
 
 def fail(message: str) -> NoReturn:
-    raise SystemExit(f"bench/network.py: {message}")
-
-
-@contextmanager
-def sandbox(images: Path) -> Iterator[SandboxState]:
-    """A 2-host sandbox in a new directory, torn down (and removed) at the end."""
-    from vcluster.run import run
-    from vcluster.sandbox.state import require
-
-    parent = Path(tempfile.mkdtemp(prefix="vcluster-bench-net-", dir="/var/tmp"))
-    directory = parent / "sb"
-    vcluster = [sys.executable, "-m", "vcluster", "sandbox"]
-    try:
-        parent.chmod(0o755)
-        up = run([*vcluster, "up", "--hosts", str(len(HOSTS)), "--images", str(images),
-                  "--dir", str(directory)], check=False, timeout=180)
-        if up.returncode != 0:
-            fail(f"vcluster sandbox up failed:\n{up.stdout}{up.stderr}")
-        yield require(directory)
-    finally:
-        down = run([*vcluster, "down", "--dir", str(directory)], check=False, timeout=180)
-        shutil.rmtree(parent, ignore_errors=True)
-        if down.returncode != 0:
-            print(f"bench/network.py: sandbox down failed:\n{down.stdout}{down.stderr}",
-                  file=sys.stderr)
-
-
-@contextmanager
-def cluster(box: SandboxState, flags: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``vcluster alloc`` of tiny:3 over both hosts, its command waiting for our flag."""
-    from vcluster.run import spawn
-    from vcluster.sandbox.use import command
-
-    wait = f"while [ ! -e {flags}/{FLAG} ]; do sleep 0.2; done"
-    cmd = command(box, ["vcluster", "alloc", "-N2", "-c", "1", "-E", wait, "tiny:3"])
-    proc = spawn(cmd.argv, env=cmd.env, cwd=cmd.cwd, stderr=subprocess.PIPE,
-                 new_session=True)
-    assert proc.stderr is not None
-    text = ""
-    deadline = time.monotonic() + READY_TIMEOUT
-    try:
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace")
-            text += line
-            if re.search(r"VMs? ready in ", line):
-                break
-            if time.monotonic() > deadline:
-                fail(f"the cluster was not ready in {READY_TIMEOUT:g} s:\n{text}")
-        else:
-            fail(f"vcluster alloc ended before the cluster was ready:\n{text}")
-        job = re.search(r"vcluster: job (\d+): starting", text)
-        if job is None:
-            fail(f"no job id in alloc's output:\n{text}")
-        yield str(job.group(1)), proc
-    finally:
-        (flags / FLAG).touch()
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    bench_fail("bench/network.py", message)
 
 
 def shells(box: SandboxState, job: str) -> dict[str, list[GuestShell]]:
@@ -215,31 +153,27 @@ def latency(client: GuestShell, server: GuestShell) -> float:
 
 
 def bench(box: SandboxState, rounds: int, seconds: int, max_foreign: float) -> None:
-    flags = Path(tempfile.mkdtemp(prefix="vcluster-bench-flags-", dir="/var/tmp"))
-    flags.chmod(0o1777)
-    try:
-        with cluster(box, flags) as (job, _proc):
-            by_host = shells(box, job)
-            pair = next((vms for vms in by_host.values() if len(vms) == 2), None)
-            lone = next((vms for vms in by_host.values() if len(vms) == 1), None)
-            if pair is None or lone is None:
-                fail(f"expected two VMs on one host and one on the other: {by_host}")
-            a, b = pair
-            (c,) = lone
-            for server in (b, c):
-                server.check("iperf3 -s -D")
-                a.check(f"for _ in $(seq 30); do ping -c 1 -W 1 {address(server)} "
-                        ">/dev/null && break; done; ping -c 1 -W 2 " + address(server))
-            print(f"bench network: job {job}: {a.name} -> {b.name} (same host), "
-                  f"{a.name} -> {c.name} (across hosts); {rounds} rounds of {seconds} s, "
-                  "alternating order")
-            same, across = measure_rounds(a, {"same": b, "across": c}, rounds, seconds,
-                                          max_foreign)
-            report(same, across)
-            for shell in (a, b, c):
-                shell.close()
-    finally:
-        shutil.rmtree(flags, ignore_errors=True)
+    with flag_directory() as flags, \
+         cluster(box, flags, ["-N2", "-c", "1", "tiny:3"], "bench/network.py") as job:
+        by_host = shells(box, job)
+        pair = next((vms for vms in by_host.values() if len(vms) == 2), None)
+        lone = next((vms for vms in by_host.values() if len(vms) == 1), None)
+        if pair is None or lone is None:
+            fail(f"expected two VMs on one host and one on the other: {by_host}")
+        a, b = pair
+        (c,) = lone
+        for server in (b, c):
+            server.check("iperf3 -s -D")
+            a.check(f"for _ in $(seq 30); do ping -c 1 -W 1 {address(server)} "
+                    ">/dev/null && break; done; ping -c 1 -W 2 " + address(server))
+        print(f"bench network: job {job}: {a.name} -> {b.name} (same host), "
+              f"{a.name} -> {c.name} (across hosts); {rounds} rounds of {seconds} s, "
+              "alternating order")
+        same, across = measure_rounds(a, {"same": b, "across": c}, rounds, seconds,
+                                      max_foreign)
+        report(same, across)
+        for shell in (a, b, c):
+            shell.close()
 
 
 Figures = dict[str, list[float]]  # "mbit": one value per kept round; "ms": per ping series
@@ -307,7 +241,7 @@ def main() -> None:
     from bench.boot_tiny import DEFAULT_IMAGES
 
     images: Path = (args.images or DEFAULT_IMAGES).absolute()
-    with sandbox(images) as box:
+    with sandbox(images, len(HOSTS), "bench/network.py") as box:
         bench(box, args.rounds, args.seconds, args.max_foreign)
 
 
