@@ -6,19 +6,25 @@ else asks the local agent for an etcd user confined to ``users/<user>/``.
 The issued password is kept in memory only.  When the agent sends a CA
 certificate that batch.yaml does not name (or the caller cannot read), it is
 written to a private temporary file just long enough to connect.
+
+Logging in costs etcd a password hash (bcrypt, most of 0.1 s on a small
+host), spent in the server while the caller waits.  ``StoreOpening`` opens
+the store in a thread, so that the launcher and the VM runner, which need it
+only after their remaining imports and requests, log in meanwhile.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 from vcluster.agent.client import AgentClient, AgentError
 from vcluster.config.batch import BatchConfig
 from vcluster.errors import StoreUnavailable
-from vcluster.store import open_store
+from vcluster.store import load_backend, open_store
 from vcluster.store.base import Store
 
 
@@ -45,3 +51,46 @@ def open_user_store(batch: BatchConfig) -> Store:
         ca = Path(tmp) / "etcd-ca.pem"
         ca.write_text(answer.ca_cert)
         return open_store(replace(issued, ca_cert=ca), password=answer.password)
+
+
+class StoreOpening:
+    """``open_user_store(batch)`` in a thread, started at once; ``result`` waits for it.
+
+    The store's backend (gRPC and all) is imported before the thread starts,
+    so the caller's own imports never race the thread's.  ``result`` returns
+    the store, which the caller then closes, or raises what opening raised;
+    ``close`` closes a store that nobody took.
+    """
+
+    def __init__(self, batch: BatchConfig) -> None:
+        load_backend(batch.store)
+        self._done = threading.Event()
+        self._store: Store | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+        self._thread = threading.Thread(target=self._open, args=(batch,),
+                                        name="vcluster-store-opening", daemon=True)
+        self._thread.start()
+
+    def _open(self, batch: BatchConfig) -> None:
+        try:
+            self._store = open_user_store(batch)
+        except BaseException as e:  # re-raised by result(), in the caller's thread
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self) -> Store:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._store is not None
+        self._taken = True
+        return self._store
+
+    def close(self) -> None:
+        """Close the store if it was opened and not taken (waiting for the opening)."""
+        self._done.wait()
+        if self._store is not None and not self._taken:
+            self._taken = True
+            self._store.close()

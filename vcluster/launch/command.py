@@ -23,26 +23,32 @@ def launcher(plan_path: Path, command: str | None, stop_timeout: float | None,
     the store, start one VM runner per VM with srun, show their progress until
     all are ready (or one fails), then run the user's shell or command with
     VCLUSTER_JOB_ID set; stop the VMs when it exits and exit with its status."""
-    from vcluster.agent.client import AgentClient
-    from vcluster.cluster import ClusterPlan
     from vcluster.config.loader import load_config
-    from vcluster.errors import InputError
-    from vcluster.launch.launcher import Launcher, LaunchOptions
-    from vcluster.launch.steps import job_allocation, job_environment
-    from vcluster.session import open_user_store
-    from vcluster.store.records import from_json
+    from vcluster.session import StoreOpening
 
-    try:
-        text = plan_path.read_text()
-    except OSError as e:
-        raise InputError(f"--plan {plan_path}: cannot read: {e.strerror}") from e
-    plan_path.unlink(missing_ok=True)
-    plan = from_json(ClusterPlan, text)
-    job, name = job_environment()
-    allocation = job_allocation()
     batch = load_config().batch
-    agent = AgentClient(batch.directories.layout.agent_socket)
-    store = open_user_store(batch)
+    # The store logs in (etcd hashes the password) while the rest is imported and read.
+    opening = StoreOpening(batch)
+    try:
+        from vcluster.agent.client import AgentClient
+        from vcluster.cluster import ClusterPlan
+        from vcluster.errors import InputError
+        from vcluster.launch.launcher import Launcher, LaunchOptions
+        from vcluster.launch.steps import job_allocation, job_environment
+        from vcluster.store.records import from_json
+
+        try:
+            text = plan_path.read_text()
+        except OSError as e:
+            raise InputError(f"--plan {plan_path}: cannot read: {e.strerror}") from e
+        plan_path.unlink(missing_ok=True)
+        plan = from_json(ClusterPlan, text)
+        job, name = job_environment()
+        allocation = job_allocation()
+        agent = AgentClient(batch.directories.layout.agent_socket)
+        store = opening.result()
+    finally:
+        opening.close()  # only if it was not taken: a failure above
     try:
         options = LaunchOptions(command=command, stop_timeout=stop_timeout,
                                 ready_timeout=ready_timeout, verbose=verbose)

@@ -17,6 +17,12 @@ from vcluster.store.base import Store
 from vcluster.store.memory import MemoryStore
 
 
+def load_backend(config: StoreConfig) -> None:
+    """Import the configured backend now (``open_store`` would import it when it opens)."""
+    if config.backend == "etcd":
+        import vcluster.store.etcd  # noqa: F401
+
+
 def open_store(config: StoreConfig, password: str | None = None) -> Store:
     """Connect to the configured store (logging in if credentials are set).
 
@@ -30,4 +36,4 @@ def open_store(config: StoreConfig, password: str | None = None) -> Store:
     raise ConfigError(None, "store.backend", f"{config.backend!r} is not available", "etcd")
 
 
-__all__ = ["MemoryStore", "Store", "open_store"]
+__all__ = ["MemoryStore", "Store", "load_backend", "open_store"]

@@ -32,15 +32,22 @@ def vm(job: str, index: int, host: str | None, ready_timeout: float | None,
     failed with a reason) under the cluster's keys in the store, and exits
     non-zero if the VM failed.
     """
-    from vcluster.vm.runner import Runner, RunnerOptions
-
-    logging.getLogger("vcluster").setLevel(logging.INFO)
     from vcluster.config.loader import load_batch
+    from vcluster.session import StoreOpening
 
     batch = load_batch()
-    options = RunnerOptions(job=job, index=index, host=host or socket.gethostname(),
-                            ready_timeout=ready_timeout, stop_timeout=stop_timeout)
-    sys.exit(Runner(options, batch).run())
+    # The store logs in (etcd hashes the password) while the runner is imported.
+    opening = StoreOpening(batch)
+    try:
+        from vcluster.vm.runner import Runner, RunnerOptions
+
+        logging.getLogger("vcluster").setLevel(logging.INFO)
+        options = RunnerOptions(job=job, index=index, host=host or socket.gethostname(),
+                                ready_timeout=ready_timeout, stop_timeout=stop_timeout)
+        code = Runner(options, batch, open_store=opening.result).run()
+    finally:
+        opening.close()  # only if the runner did not take it
+    sys.exit(code)
 
 
 @click.command("console-attach")
