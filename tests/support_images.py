@@ -82,6 +82,7 @@ class TestVm:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.drain()
             if self.log.is_file() and text in self.log.read_text(errors="replace"):
                 return time.monotonic() - self.started
             if self.proc.poll() is not None:
@@ -98,7 +99,25 @@ class TestVm:
             assert self.spec.serial_socket is not None, "no serial socket"
             self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.conn.connect(str(self.spec.serial_socket))
+            self.conn.setblocking(False)
+        self.drain()
+        self.conn.setblocking(True)
         self.conn.sendall(line.encode() + b"\n")
+        self.conn.setblocking(False)
+
+    def drain(self) -> None:
+        """Read away what the guest wrote to the socket (the log has it too).
+
+        QEMU writes the console a byte at a time: unread, a few hundred bytes
+        fill the socket's buffer and the guest's serial port stalls.
+        """
+        if self.conn is None:
+            return
+        try:
+            while self.conn.recv(65536):
+                pass
+        except BlockingIOError:
+            pass
 
     def stop(self) -> None:
         if self.conn is not None:
