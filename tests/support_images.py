@@ -22,7 +22,7 @@ import pytest
 from vcluster.errors import ImageError
 from vcluster.images.repo import Image, resolve_image
 from vcluster.qemu import VmSpec, build_argv
-from vcluster.run import spawn
+from vcluster.run import run, spawn
 
 IMAGES_ENV = "VCLUSTER_TEST_IMAGES"
 DEFAULT_IMAGES = Path("/var/cache/vcluster-test/images")
@@ -82,6 +82,7 @@ class TestVm:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.drain()
             if self.log.is_file() and text in self.log.read_text(errors="replace"):
                 return time.monotonic() - self.started
             if self.proc.poll() is not None:
@@ -98,7 +99,25 @@ class TestVm:
             assert self.spec.serial_socket is not None, "no serial socket"
             self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.conn.connect(str(self.spec.serial_socket))
+            self.conn.setblocking(False)
+        self.drain()
+        self.conn.setblocking(True)
         self.conn.sendall(line.encode() + b"\n")
+        self.conn.setblocking(False)
+
+    def drain(self) -> None:
+        """Read away what the guest wrote to the socket (the log has it too).
+
+        QEMU writes the console a byte at a time: unread, a few hundred bytes
+        fill the socket's buffer and the guest's serial port stalls.
+        """
+        if self.conn is None:
+            return
+        try:
+            while self.conn.recv(65536):
+                pass
+        except BlockingIOError:
+            pass
 
     def stop(self) -> None:
         if self.conn is not None:
@@ -143,3 +162,52 @@ def guest_script(name: str) -> str:
 # B reads it and answers at offset 8, A reads the answer.
 FAM_A = guest_script("fam-a.sh")
 FAM_B = guest_script("fam-b.sh")
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a user-mode NIC's hostfwd)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def ssh_keygen(path: Path) -> str:
+    """An ed25519 key pair without a passphrase (as vcluster makes them); the public line."""
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", path])
+    return path.with_suffix(".pub").read_text().strip()
+
+
+class SshTarget:
+    """ssh and scp to a guest on 127.0.0.1:port, checking its host key against ``known_hosts``."""
+
+    def __init__(self, port: int, key: Path, known_hosts: Path, alias: str,
+                 user: str = "root") -> None:
+        self.port, self.user = port, user
+        self.options = ["-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
+                        "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+                        "-o", f"UserKnownHostsFile={known_hosts}",
+                        "-o", "GlobalKnownHostsFile=/dev/null",
+                        "-o", "StrictHostKeyChecking=yes", "-o", f"HostKeyAlias={alias}"]
+
+    def ssh(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(["ssh", *self.options, "-p", str(self.port), f"{self.user}@127.0.0.1",
+                    *command], check=check, timeout=60)
+
+    def scp(self, source: str, dest: str) -> None:
+        """``scp`` (SFTP, OpenSSH 9's default); a ``:`` prefix names a path on the guest."""
+        def where(path: str) -> str:
+            return f"{self.user}@127.0.0.1{path}" if path.startswith(":") else path
+        run(["scp", *self.options, "-P", str(self.port), where(source), where(dest)],
+            timeout=60)
+
+    def wait(self, timeout: float) -> float:
+        """Retry a login until the server answers; returns the seconds it took."""
+        start = time.monotonic()
+        while True:
+            proc = self.ssh("true", check=False)
+            if proc.returncode == 0:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                pytest.fail(f"no ssh login after {timeout:g} s: {proc.stderr}")
+            time.sleep(0.5)

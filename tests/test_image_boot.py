@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import re
 import socket
 import struct
@@ -16,10 +19,13 @@ import pytest
 from tests.support_images import (
     FAM_A,
     FAM_B,
+    SshTarget,
     TestVm,
     boot,
+    free_loopback_port,
     guest_script,
     require_image,
+    ssh_keygen,
     vm_factory,
 )
 from vcluster.qemu import Disk, SharedMemory, VmSpec
@@ -73,6 +79,9 @@ def test_tiny_boots_to_its_shell(workdir: Path, vms: list[TestVm], interface: st
     vm.wait_for("user-data ran on tiny-test-0", 1)
     vm.send("echo $((6 * 7))-from-the-shell")
     vm.wait_for("42-from-the-shell", 10)
+    log = vm.log.read_text(errors="replace")
+    # no guest agent port: /init skips qemu-ga quietly; dropbear made a host key of its own
+    assert "qemu-ga" not in log and "vcluster-tiny: cannot" not in log, log
 
 
 NET_CHECK = guest_script("net-check.sh")
@@ -93,6 +102,83 @@ def test_tiny_applies_network_config_and_has_vxlan(workdir: Path, vms: list[Test
     assert "net-check: eth0 10.78.0.5/24" in log
     assert "net-check: mtu 1400" in log  # the seed's MTU, not the NIC's 1500
     assert "net-check: vxlan ok" in log and "net-check: bridge ok" in log
+
+
+def test_tiny_serves_ssh_scp_and_the_guest_agent(workdir: Path, vms: list[TestVm]) -> None:
+    """One tiny VM, reached the way vcluster reaches VMs: ssh, scp and the guest agent.
+
+    The seed carries root's authorized key and the ssh host key (its vcluster/
+    directory) and a gateway; a user-mode NIC (restrict=on: nothing leaves QEMU)
+    forwards a loopback port to the guest's port 22.
+    """
+    client_pub = ssh_keygen(workdir / "id_ed25519")
+    host_pub = ssh_keygen(workdir / "host_ed25519")
+    known_hosts = workdir / "known_hosts"
+    known_hosts.write_text(f"tiny-ssh {host_pub}\n")
+    mac, port = "52:54:00:0a:0d:01", free_loopback_port()
+    seed = workdir / "seed.iso"
+    write_seed(seed, meta_data=meta_data("tiny-ssh", "tiny-ssh"), user_data="",
+               network_config=network_config([Interface(mac, "eth0", ("10.79.0.5/24",),
+                                                         gateway="10.79.0.2")]),
+               guest_files={"authorized_keys": client_pub + "\n",
+                            "ssh_host_ed25519_key": (workdir / "host_ed25519").read_text()})
+    netdev = (f"user,id=n0,restrict=on,net=10.79.0.0/24,host=10.79.0.2,"
+              f"hostfwd=tcp:127.0.0.1:{port}-10.79.0.5:22")
+    spec = tiny_spec("tinyssh", seed, guest_agent_socket=workdir / "qga.sock",
+                     extra=("-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={mac}"))
+    vm = boot(vms, spec, workdir)
+    took = vm.wait_for("vcluster-tiny: ready hostname=tiny-ssh", TINY_TIMEOUT)
+    user = require_image("tiny").info.user  # what vcluster logs in as
+    assert user == "root"
+    target = SshTarget(port, workdir / "id_ed25519", known_hosts, "tiny-ssh", user)
+    login = target.wait(20)
+    print(f"tiny with ssh and qemu-ga ready after {took:.1f} s; first ssh login {login:.1f} s on")
+
+    # (a) a key login, the served host key checked against the seed's
+    assert target.ssh("hostname").stdout.strip() == "tiny-ssh"
+    print(f"PATH of an ssh command: {target.ssh('echo $PATH').stdout.strip()}")
+    other = workdir / "other_known_hosts"
+    other.write_text(f"tiny-ssh {ssh_keygen(workdir / 'other_host')}\n")
+    refused = SshTarget(port, workdir / "id_ed25519", other, "tiny-ssh", user).ssh(
+        "true", check=False)
+    assert refused.returncode != 0 and "HOST IDENTIFICATION HAS CHANGED" in refused.stderr
+    # (b) scp (SFTP) in and back: 1 MiB, unchanged
+    blob = workdir / "blob"
+    blob.write_bytes(os.urandom(1 << 20))
+    digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+    start = time.monotonic()
+    target.scp(str(blob), ":/tmp/blob")
+    assert target.ssh("sha256sum", "/tmp/blob").stdout.split()[0] == digest
+    target.scp(":/tmp/blob", str(workdir / "back"))
+    print(f"scp of 1 MiB in and back: {time.monotonic() - start:.1f} s")
+    assert hashlib.sha256((workdir / "back").read_bytes()).hexdigest() == digest
+    # (d) the default route through the seed's gateway
+    routes = target.ssh("ip", "route").stdout
+    assert "default via 10.79.0.2 dev eth0" in routes, routes
+    # (c) the guest agent: ping, and exec with captured output and the exit code
+    out, code = guest_exec(workdir / "qga.sock", ["/bin/sh", "-c", "echo hi; exit 7"], 30)
+    assert (out, code) == (b"hi\n", 7)
+    assert "vcluster-tiny: cannot" not in vm.log.read_text(errors="replace")
+
+
+def guest_exec(path: Path, argv: list[str], timeout: float) -> tuple[bytes, int]:
+    """guest-ping, then guest-exec ``argv`` and poll guest-exec-status: (stdout, exit code)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    deadline = time.monotonic() + timeout
+    with QEMUMonitorProtocol(str(path)) as qga:
+        qga.connect(negotiate=False)  # qemu-ga sends no greeting
+        qga.settimeout(timeout)
+        assert qga.cmd("guest-ping") == {}
+        pid = qga.cmd("guest-exec", path=argv[0], arg=argv[1:], **{"capture-output": True})
+        assert isinstance(pid, dict)
+        while time.monotonic() < deadline:
+            status = qga.cmd("guest-exec-status", pid=pid["pid"])
+            assert isinstance(status, dict)
+            if status["exited"]:
+                return base64.b64decode(status.get("out-data", "")), status["exitcode"]
+            time.sleep(0.2)
+    pytest.fail(f"guest-exec {argv}: not done after {timeout:g} s")
 
 
 TOOLS_CHECK = guest_script("tools-check.sh")

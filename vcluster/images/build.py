@@ -155,6 +155,7 @@ def build_image(recipe: Recipe, repo: Repository, *, name: str | None = None,
         info = ImageInfo(
             name=name, kind=recipe.kind, files=files, recipe=recipe.name,
             content_hash=digest, parent=None, append=recipe.append,
+            user=recipe.user,
             extra={"packages": resolved.versions, "left_out": resolved.left_out,
                    "recipe_files": [str(p) for p in recipe.files]},
         )

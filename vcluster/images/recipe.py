@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vcluster.errors import ConfigError, ImageError, Origin
+from vcluster.images.repo import DEFAULT_USER, USER_NAME_RE
 from vcluster.schema.fields import Section
 from vcluster.schema.source import Node, load_yaml
 
 KINDS = ("disk", "initramfs")
 RECIPE_KEYS = ("description", "parents", "kind", "suite", "mirror", "packages", "exclude",
-               "overlay", "postbuild", "size", "kernel", "modules", "append")
+               "overlay", "postbuild", "size", "kernel", "modules", "append", "user")
 # Debian policy 5.6.7 (single letters allowed here for brevity in tests and examples)
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
 DEFAULT_SIZE = 2 << 30
@@ -53,6 +54,7 @@ class RecipeFile:
     kernel: str | None = None
     modules: tuple[str, ...] = ()
     append: str | None = None
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Recipe:
     kernel: str = DEFAULT_KERNEL
     modules: tuple[str, ...] = ()
     append: str = ""
+    user: str = DEFAULT_USER
     files: tuple[Path, ...] = field(default=())
 
     def settings(self) -> dict[str, object]:
@@ -82,7 +85,7 @@ class Recipe:
             "packages": list(self.packages), "exclude": list(self.exclude),
             "postbuild": list(self.postbuild),
             "size": self.size, "kernel": self.kernel, "modules": list(self.modules),
-            "append": self.append,
+            "append": self.append, "user": self.user,
         }
 
 
@@ -102,6 +105,15 @@ def _package_names(sec: Section, key: str, what: str) -> tuple[str, ...]:
                             "lower-case letters, digits and + - . (starting with a letter "
                             "or digit)")
     return values
+
+
+def _user_name(sec: Section) -> str | None:
+    user = sec.string("user", expected="a user name")
+    if user is not None and not USER_NAME_RE.match(user):
+        raise sec.error("user", f"{user!r} is not a user name",
+                        "lower-case letters, digits, _ and - (starting with a letter or _), "
+                        "at most 32 characters")
+    return user
 
 
 def parse_recipe(node: Node | None, path: Path) -> RecipeFile:
@@ -140,6 +152,7 @@ def parse_recipe(node: Node | None, path: Path) -> RecipeFile:
         kernel=sec.string("kernel", expected="a Debian kernel package name"),
         modules=_names(sec, "modules", "a list of kernel module names"),
         append=append,
+        user=_user_name(sec),
     )
     sec.done(RECIPE_KEYS)
     return out
@@ -226,5 +239,6 @@ def load_recipe(ref: str) -> Recipe:
         kernel=str(last("kernel") or DEFAULT_KERNEL),
         modules=_unique([m for item in chain for m in item.modules]),
         append=str(last("append") or ""),
+        user=str(last("user") or DEFAULT_USER),
         files=tuple(item.path for item in chain),
     )

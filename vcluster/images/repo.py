@@ -18,7 +18,9 @@ initramfs), ``recipe`` (recipe name, or null for a saved revision),
 over, or null), ``files`` (role -> file name in the revision directory, roles
 ``disk``, ``kernel``, ``initrd``, ``initramfs``; an absolute path is allowed
 for a file shared with an older revision) and ``append`` (the kernel command
-line the image expects).
+line the image expects) and ``user`` (the image's default login user, the one
+whose authorized keys the seed sets: ``root`` when an older image.json lacks
+it).
 
 Writes are atomic: a revision is prepared in a hidden temporary directory in
 the repository (``Repository.staging``) and renamed into place by
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -48,6 +51,9 @@ FORMAT = 1
 KINDS = ("disk", "initramfs")
 ROLES = ("disk", "kernel", "initrd", "initramfs")
 INFO_FILE = "image.json"
+DEFAULT_USER = "root"
+# useradd's default NAME_REGEX (Debian's adduser is stricter), at most 32 characters
+USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class ImageInfo:
     created: str = ""
     parent: int | None = None
     append: str = ""
+    user: str = DEFAULT_USER
     format: int = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +86,9 @@ class ImageInfo:
         if info.kind not in KINDS:
             raise ImageError(f"{where}: not a valid image description: kind {info.kind!r} "
                              f"(expected {' or '.join(KINDS)})")
+        if not USER_NAME_RE.match(info.user):
+            raise ImageError(f"{where}: not a valid image description: user {info.user!r} "
+                             "is not a user name")
         return info
 
 
