@@ -29,12 +29,14 @@ def test_no_module_over_600_lines() -> None:
 
 
 def test_shell_scripts_pass_shellcheck() -> None:
-    """Guest scripts (tests/guest/, run by busybox sh or dash) and the SLURM scripts."""
+    """Guest scripts (tests/guest/, run by busybox sh or dash), tiny's /init and the SLURM
+    scripts."""
     if shutil.which("shellcheck") is None:
         raise AssertionError("shellcheck is not installed (apt-get install shellcheck; "
                              ".ci/run installs it)")
     scripts = sorted(ROOT.glob("tests/guest/*.sh"))
     assert scripts, "no guest scripts found"
+    scripts.append(ROOT / "vcluster" / "images" / "recipes" / "tiny" / "init")
     guest = subprocess.run(["shellcheck", "--shell=sh", *map(str, scripts)], cwd=ROOT,
                            capture_output=True, text=True, check=False)
     assert guest.returncode == 0, guest.stdout + guest.stderr

@@ -160,7 +160,9 @@ def test_build_argv_minimal() -> None:
     assert argv == ["qemu-system-x86_64", "-name", "t,process=qemu-t", "-nodefaults",
                     "-nographic", "-no-user-config", "-machine", "pc", "-accel", "tcg",
                     "-cpu", "qemu64", "-m", "512M", "-smp", "1",
-                    "-chardev", "null,id=serial0", "-serial", "chardev:serial0"]
+                    "-chardev", "null,id=serial0", "-serial", "chardev:serial0",
+                    "-device", "virtio-rng-pci"]
+    assert "virtio-rng-pci" not in qemu.build_argv(VmSpec(name="t", entropy=False))
 
 
 def test_build_argv_refuses_initrd_without_kernel() -> None:

@@ -194,7 +194,7 @@ def _boot(t: Template, repos: Sequence[Path]) -> BootPlan:
         disk=(image.disk if image else disk) if kind == "disk" else None,
         append=append,
         readiness=Readiness.TINY_INIT if kind == "initramfs" else Readiness.FINAL_MESSAGE,
-        user=str(getattr(image.info, "user", "root")) if image else "root",
+        user=image.info.user if image else "root",
     )
 
 

@@ -198,6 +198,9 @@ class VmSpec:
     serial_log: Path | None = None
     qmp_socket: Path | None = None
     guest_agent_socket: Path | None = None
+    # A virtio-rng from the host's random source: without it a TCG guest waits about a
+    # second for its random pool before it can make or read a key (ssh servers do)
+    entropy: bool = True
     fam: SharedMemory | None = None
     nics: tuple[Nic, ...] = ()
     extra: tuple[str, ...] = field(default=())
@@ -233,6 +236,8 @@ def build_argv(spec: VmSpec) -> list[str]:
         argv += qmp_args(spec.qmp_socket)
     if spec.guest_agent_socket is not None:
         argv += guest_agent_args(spec.guest_agent_socket)
+    if spec.entropy:
+        argv += ["-device", "virtio-rng-pci"]
     argv += list(spec.extra)
     return argv
 
