@@ -23,6 +23,7 @@ from tests.support_agent import JobTool, job_tool, store_put, store_value, unix_
 from tests.support_alloc import (
     BackgroundAlloc,
     Shared,
+    alloc,
     background_alloc,
     nothing_left_anywhere,
     shared_dir,
@@ -38,6 +39,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.qemu, pytest.mark.images]
 
 ALICE, BOB = "vcrs-alice", "vcrs-bob"
 HOSTS = ("h1", "h2", "h3")
+TEMPLATES = """\
+noagent:
+  inherits: tiny
+  description: tiny without its guest agent
+  append: console=ttyS0 quiet vcluster-tiny.no-qga
+"""
 
 
 @dataclass
@@ -75,7 +82,7 @@ def tool(sandbox: Sandbox, users: None) -> Iterator[JobTool]:
 @pytest.fixture(scope="module")
 def cluster(sandbox: Sandbox, users: None, tool: JobTool) -> Iterator[Booted]:
     require_image("tiny")
-    with shared_dir("", {}) as shared, \
+    with shared_dir(TEMPLATES, {}) as shared, \
          background_alloc(sandbox, ALICE, shared.home, "-N3", "-c", "1", "-E",
                           wait_flag(shared, "done"), "tiny:3") as running:
         booted = Booted(running.wait_ready(), running, shared)
@@ -182,6 +189,9 @@ def test_exec_runs_on_every_vm_and_reports_statuses(sandbox: Sandbox, cluster: B
     status, _, err = cluster.vcluster(sandbox, "exec", "-j", job, "vm[0-1]", "--", "sh", "-c",
                                       "[ $(hostname) = vm1 ]")
     assert status == 1 and "1 of 2 VMs failed: vm0 (exit 1)" in err, err
+    status, out, err = cluster.vcluster(sandbox, "exec", "-j", job, "vm2", "--", "no-such-tool")
+    assert (status, out) == (127, ""), err
+    assert "no-such-tool: " in err and "No such file or directory" in err, err
 
 
 def test_vms_reach_outside_through_nat_and_their_ports_are_theirs(
@@ -224,6 +234,17 @@ def test_a_second_user_gets_nothing_of_the_first_users_cluster(
     into = sandbox.run(["srun", f"--jobid={job}", "--overlap", "-N1", "-n1", "true"], user=BOB,
                        check=False)
     assert into.returncode != 0
+
+
+def test_exec_on_an_image_without_a_guest_agent_names_the_template(
+        sandbox: Sandbox, cluster: Booted) -> None:
+    proc = alloc(sandbox, ALICE, cluster.shared.home, "-c", "1", "-w", "h3", "-E",
+                 "vcluster exec vm0 -- true; echo exec-status=$?", "noagent:1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "exec-status=1" in out, out
+    assert "vcluster: error: vm0: its guest agent did not answer: does the image of template " \
+           "'noagent' run qemu-guest-agent?" in out, out
 
 
 def test_bad_vm_names_are_one_line(sandbox: Sandbox, cluster: Booted) -> None:

@@ -114,6 +114,8 @@ def exec_command(ctx: click.Context, jobid: str | None, jobname: str | None, use
         indexes, command = list(range(count)), list(args)
     else:
         indexes, command = parse_vms(args[0], count), list(args[1:])
+    if command[:1] == ["--"]:  # after VMS; click takes only a "--" before every argument
+        command = command[1:]
     if not command:
         raise InputError("COMMAND: missing (expected (--all | VMS) -- COMMAND...)")
     hosts: dict[str, list[int]] = {}

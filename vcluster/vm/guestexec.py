@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from vcluster.errors import VclusterError
 
@@ -92,8 +92,13 @@ class GuestAgent:
 
     def run(self, argv: Sequence[str], timeout: float | None) -> Finished:
         """Run ``argv`` in the guest and wait for it (at most ``timeout`` seconds)."""
-        started = self._call("guest-exec", {"path": argv[0], "arg": list(argv[1:]),
-                                            "capture-output": True}, PING_TIMEOUT)
+        try:
+            started = self._call("guest-exec", {"path": argv[0], "arg": list(argv[1:]),
+                                                "capture-output": True}, PING_TIMEOUT)
+        except GuestAgentError as e:
+            if isinstance(e.__cause__, ExecuteError):  # the guest could not start it
+                return Finished(127, b"", f"{argv[0]}: {e.__cause__}\n".encode())
+            raise
         pid = int(started["pid"])
         deadline = None if timeout is None else time.monotonic() + timeout
         pauses = iter(POLL)
