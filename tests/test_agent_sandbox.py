@@ -413,8 +413,8 @@ def test_site_limits_are_enforced_by_the_agent(sandbox: Sandbox, tool: JobTool) 
             f"this site (fam.max-size of resource set 'default' at {conf}/resources.yaml:" \
             in huge["error"]
         assert evil["code"] == "denied"
-        assert f"network 'evil' is not defined in {conf}/networks.yaml (private networks " \
-            "there: cluster, data)" in evil["error"]
+        assert f"network 'evil' is not defined in {conf}/networks.yaml (nat/private " \
+            "networks there: cluster, data, nat)" in evil["error"]
         assert nat["code"] == "denied" and "'nat' is a nat network" in nat["error"]
         assert mtu["code"] == "bad-request"
         assert f"mtu: 9000 differs from the MTU 1450 that {conf}/networks.yaml:" in mtu["error"]

@@ -189,6 +189,12 @@ def test_exec_runs_on_every_vm_and_reports_statuses(sandbox: Sandbox, cluster: B
     status, _, err = cluster.vcluster(sandbox, "exec", "-j", job, "vm[0-1]", "--", "sh", "-c",
                                       "[ $(hostname) = vm1 ]")
     assert status == 1 and "1 of 2 VMs failed: vm0 (exit 1)" in err, err
+    status, out, err = cluster.vcluster(sandbox, "exec", "-j", job, "-u", "nobody", "vm2", "--",
+                                        "id", "-u")
+    assert (status, out) == (0, "65534\n"), err
+    status, out, err = cluster.vcluster(sandbox, "exec", "-j", job, "--timeout", "1", "vm0",
+                                        "--", "sleep", "30")
+    assert status == 124 and "timed out after 1 s" in err, (status, out, err)
     status, out, err = cluster.vcluster(sandbox, "exec", "-j", job, "vm2", "--", "no-such-tool")
     assert (status, out) == (127, ""), err
     assert "no-such-tool: " in err and "No such file or directory" in err, err
