@@ -24,11 +24,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.waiting import wait_for
 from vcluster.agent.client import FamRegion, Tap, VmDevices
 from vcluster.agent.protocol import AgentError, Code, FamSpec, NetworkSpec
 from vcluster.cluster import ClusterSpec
@@ -43,12 +43,8 @@ from vcluster.vm.state import Publisher
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Return once ``condition()`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
+    """``wait_for`` polling every 10 ms (the fakes answer at once)."""
+    wait_for(what, condition, timeout, interval=0.01)
 
 
 # ------------------------------------------------------------------ the agent

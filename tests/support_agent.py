@@ -20,8 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,17 +182,6 @@ def allocate(box: Sandbox, user: str, host: str = "h1", ntasks: int = 1) -> str:
 
 def cancel(box: Sandbox, job: str) -> None:
     box.run(["scancel", job], check=False)
-
-
-def wait_for(what: str, condition: Callable[[], object], timeout: float = 20.0,
-             interval: float = 0.2) -> None:
-    """Return once ``condition()`` is true; AssertionError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def epilog_ran(box: Sandbox, job: str, host: str = "h1") -> str | None:

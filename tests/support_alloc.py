@@ -20,13 +20,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.waiting import wait_for
 from tests.support_agent import (
     JobTool,
     epilog_ran,
     nothing_left,
     store_keys,
     store_value,
-    wait_for,
 )
 from tests.support_sandbox import Sandbox
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.waiting import wait_for
 from tests.support_agent import (
     JobTool,
     allocate,
@@ -26,7 +27,6 @@ from tests.support_agent import (
     store_entries,
     store_keys,
     unix_users,
-    wait_for,
 )
 from tests.support_sandbox import Sandbox, sandbox
 from vcluster.agent import netdev, protocol, undo

@@ -21,7 +21,8 @@ import pytest
 
 from tests.helpers.agent_fakes import FakeDevices, FakeFirewall
 from tests.helpers.agent_site import AgentHost, served, write_site
-from tests.support_agent import CLIENT_FILES, wait_for
+from tests.helpers.waiting import wait_for
+from tests.support_agent import CLIENT_FILES
 from vcluster.agent import client, fam, netdev, protocol, undo
 from vcluster.agent.jobs import Jobs
 from vcluster.agent.protocol import AgentError, Code

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_root
-from tests.support_agent import JobTool, job_tool, store_keys, unix_users, wait_for
+from tests.helpers.waiting import wait_for
+from tests.support_agent import JobTool, job_tool, store_keys, unix_users
 from tests.support_alloc import (
     Shared,
     alloc,

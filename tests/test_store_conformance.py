@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support_agent import wait_for
+from tests.helpers.waiting import wait_for
 from tests.support_etcd import running_etcd
 from tests.support_store import FakeClock, events, race
 from vcluster.config.batch import StoreConfig
