@@ -15,12 +15,14 @@ from vcluster.cli.main import cli
 from vcluster.cli.ps import cluster_header, cluster_row, vm_rows
 from vcluster.cluster import ClusterSpec, FamPlan
 from vcluster.identity import user_name
+from vcluster.launch.queue import QueuedJob
 from vcluster.lifecycle import VmState
 from vcluster.store.keys import Keys
 from vcluster.store.memory import MemoryStore
 from vcluster.store.records import SshEndpoint, VmRecord, to_json
 
 KEYS = Keys("/vcluster")
+QUEUE: list[QueuedJob] = []  # what the fake squeue answers
 USER = user_name()
 
 
@@ -51,7 +53,8 @@ def test_each_vm_with_host_state_addresses_and_region() -> None:
         ("vm2", "h2", "booting", "10.77.0.3", "-", "-"),
         ("vm3", "-", "pending", "10.77.0.4", "-", "-"),  # planned address until its runner says
     ]
-    assert cluster_row(c) == ("12", "vcluster", "4", "1 booting, 1 pending, 2 ready", "h1,h2")
+    assert cluster_row(c) == ("12", "vcluster", "alloc", "starting", "4",
+                              "1 booting, 1 pending, 2 ready", "h1,h2")
 
 
 def test_a_cluster_without_vnis_or_records() -> None:
@@ -72,6 +75,7 @@ def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryStore]:
         return made, KEYS, USER
 
     monkeypatch.setattr("vcluster.cli.clusters.with_store", with_store)
+    monkeypatch.setattr("vcluster.cli.clusters.queued", lambda: list(QUEUE))
     try:
         yield made
     finally:
@@ -112,10 +116,37 @@ def test_ps_stays_one_line_per_cluster(store: MemoryStore) -> None:
     result = CliRunner().invoke(cli, ["ps"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
-        "JOBID  NAME      VMS  STATES                         HOSTS",
-        "12     vcluster  4    1 booting, 1 pending, 2 ready  h1,h2",
-        "13     vcluster  4    1 booting, 1 pending, 2 ready  h1,h2",
+        "JOBID  NAME      MODE   STATE     VMS  VM STATES                      HOSTS",
+        "12     vcluster  alloc  starting  4    1 booting, 1 pending, 2 ready  h1,h2",
+        "13     vcluster  alloc  starting  4    1 booting, 1 pending, 2 ready  h1,h2",
     ]
+
+
+def test_ps_lists_jobs_slurm_holds_before_their_clusters_are_recorded(
+        store: MemoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    held = QueuedJob("9", "job.sh", "PENDING", "JobHeldUser", "batch", "tiny:3")
+    starting = QueuedJob("100", "x", "RUNNING", "None", "alloc", "tiny")
+    QUEUE[:] = [held, starting]
+    try:
+        result = CliRunner().invoke(cli, ["ps"])
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines()[1:] == [
+            "9      job.sh    batch  pending   3    -                              "
+            "(JobHeldUser)",
+            "12     vcluster  alloc  starting  4    1 booting, 1 pending, 2 ready  h1,h2",
+            "13     vcluster  alloc  starting  4    1 booting, 1 pending, 2 ready  h1,h2",
+            "100    x         alloc  starting  1    -                              -",
+        ]
+        result = CliRunner().invoke(cli, ["ps", "9"])
+        assert (result.exit_code, result.output) == (0, (
+            "job 9 (job.sh): batch, pending (JobHeldUser): 3 VMs (tiny:3); its VMs start "
+            "when SLURM runs the job\n"))
+        result = CliRunner().invoke(cli, ["exec", "-j", "9", "vm0", "true"])
+        assert result.exit_code == 1
+        assert "job 9 (job.sh) is pending (JobHeldUser): its VMs are not running yet" in \
+            result.output
+    finally:
+        QUEUE.clear()
 
 
 def test_ps_of_an_unknown_job_is_bad_input(store: MemoryStore) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vcluster.cli.clusters import Cluster
-from vcluster.cli.exec import parse_vms, summary
+from vcluster.cli.exec import parse_vms
 from vcluster.cli.reach import (
     Target,
     check_reachable,
@@ -20,6 +20,7 @@ from vcluster.cli.reach import (
 )
 from vcluster.cluster import BootPlan, ClusterPlan, ClusterSpec, NicPlan, Readiness, VmPlan
 from vcluster.errors import InputError, VclusterError
+from vcluster.launch.vmexec import summary
 from vcluster.lifecycle import VmState
 from vcluster.store.records import SshEndpoint, VmRecord
 from vcluster.vm.guestexec import as_user

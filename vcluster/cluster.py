@@ -141,6 +141,7 @@ class ClusterSpec:
     ssh_public_key: str
     plan: ClusterPlan
     vnis: dict[str, int] = field(default_factory=dict)  # private network -> its VXLAN id
+    mode: str = "alloc"  # how it was submitted: alloc or batch
 
 
 def mac_address(job: str, vm: int, nic: int) -> str:

@@ -16,6 +16,7 @@ import click
 
 if TYPE_CHECKING:
     from vcluster.cluster import ClusterSpec
+    from vcluster.launch.queue import QueuedJob
     from vcluster.store.base import Store
     from vcluster.store.keys import Keys
     from vcluster.store.records import VmRecord
@@ -84,6 +85,43 @@ def select_cluster(clusters: list[Cluster], jobid: str | None, jobname: str | No
         raise InputError("you have no running cluster (start one with vcluster alloc)")
     raise InputError(f"you have {len(clusters)} clusters: say which with -j JOBID or "
                      f"-J NAME (expected one of: {listing()})")
+
+
+def queued() -> list[QueuedJob]:
+    """The user's vcluster jobs in SLURM's queue; none if SLURM cannot be asked (said at -v)."""
+    import logging
+
+    from vcluster.errors import VclusterError
+    from vcluster.launch.queue import queued_jobs
+
+    try:
+        return queued_jobs()
+    except VclusterError as e:
+        logging.getLogger("vcluster").info("squeue: %s", e)
+        return []
+
+
+def pick_cluster(store: Store, keys: Keys, user: str, jobid: str | None,
+                 jobname: str | None) -> Cluster:
+    """The cluster -j/-J (or $VCLUSTER_JOB_ID, or being the only one) names.
+
+    A job that SLURM has queued but whose VMs have not started yet is one
+    error saying so, not "no such cluster".
+    """
+    from vcluster.errors import InputError, VclusterError
+
+    try:
+        return select_cluster(read_clusters(store, keys, user), jobid, jobname)
+    except InputError:
+        jobid = jobid or (None if jobname else os.environ.get("VCLUSTER_JOB_ID"))
+        for q in queued():
+            if (jobid is not None and q.job == jobid) or (jobid is None and q.name == jobname):
+                raise VclusterError(
+                    f"job {q.job} ({q.name}) is {q.state.lower()}"
+                    + (f" ({q.reason})" if q.reason not in ("None", "") else "")
+                    + ": its VMs are not running yet (vcluster ps shows when they are)"
+                ) from None
+        raise
 
 
 def with_store(ctx: click.Context) -> tuple[Store, Keys, str]:

@@ -17,9 +17,16 @@ def load_config() -> Config:
     return load()
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def table_lines(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Columns padded to their widest cell; the last column is not padded."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = []
     for row in [headers, *rows]:
         cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)]
-        click.echo("  ".join([*cells, str(row[-1])]).rstrip())
+        lines.append("  ".join([*cells, str(row[-1])]).rstrip())
+    return lines
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    for line in table_lines(headers, rows):
+        click.echo(line)

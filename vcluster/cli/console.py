@@ -22,24 +22,25 @@ With -l, print the console log instead.""")
 @click.pass_context
 def console(ctx: click.Context, jobid: str | None, jobname: str | None, show_log: bool,
             vm: str) -> None:
-    from vcluster.cli.clusters import read_clusters, select_cluster, vm_index, with_store
+    from vcluster.cli.clusters import pick_cluster, vm_index, with_store
     from vcluster.errors import VclusterError
+    from vcluster.launch.overlap import overlap_argv, overlap_env
     from vcluster.run import spawn
 
     store, keys, user = with_store(ctx)
-    cluster = select_cluster(read_clusters(store, keys, user), jobid, jobname)
+    cluster = pick_cluster(store, keys, user, jobid, jobname)
     index = vm_index(vm, cluster)
     record = cluster.vms.get(index)
     if record is None or record.host is None:
         raise VclusterError(f"vm{index} of job {cluster.spec.job} has not started on a host "
                             f"yet (state: {record.state.value if record else 'unknown'})")
     job = cluster.spec.job
-    argv = ["srun", f"--jobid={job}", "--overlap", f"--nodelist={record.host}", "--nodes=1",
-            "--ntasks=1", "--quiet"]
+    argv = overlap_argv(job, record.host)
     if not show_log and sys.stdin.isatty():
         argv.append("--pty")
     argv += [sys.executable, "-m", "vcluster", "internal", "console-attach", "--job", job,
              "--vm", str(index)]
     if show_log:
         argv.append("--log")
-    raise SystemExit(spawn(argv, stdin=None, stdout=None, stderr=None).wait())
+    raise SystemExit(spawn(argv, stdin=None, stdout=None, stderr=None,
+                           env=overlap_env()).wait())

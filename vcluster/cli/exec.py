@@ -1,19 +1,13 @@
 """``vcluster exec``: a command on VMs through their guest agents, in parallel.
 
-For each host of the chosen VMs, one ``srun --overlap`` into the job runs
-``vcluster internal exec`` there, which talks to each VM's qemu-guest-agent
-socket (``vm/guestexec.py``).  Output comes back per VM once its command
-has ended, with ``vmN: `` before each line when there are several VMs.
+The VMs are reached through the job (``launch/vmexec.py``).  Output comes
+back per VM once its command has ended, with ``vmN: `` before each line
+when there are several VMs.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import sys
-import threading
-from collections.abc import Sequence
-from typing import IO
 
 import click
 
@@ -64,29 +58,6 @@ def _split(text: str) -> list[str]:
     return [*parts, current]
 
 
-def summary(statuses: dict[int, int]) -> str | None:
-    """The one line saying which VMs failed (None when none did)."""
-    failed = [(i, s) for i, s in sorted(statuses.items()) if s != 0]
-    if not failed:
-        return None
-    which = ", ".join(f"vm{i} (exit {s})" for i, s in failed)
-    if len(failed) == len(statuses):
-        return f"every VM failed: {which}"
-    return f"{len(failed)} of {len(statuses)} VMs failed: {which}"
-
-
-def _relay(stream: IO[bytes], got: dict[str, int]) -> None:
-    from vcluster.vm.command import EXEC_STATUS
-
-    mark = EXEC_STATUS.encode()
-    for line in stream:
-        if line.startswith(mark):
-            got.update(json.loads(line[len(mark):]))
-            continue
-        sys.stdout.buffer.write(line)
-        sys.stdout.buffer.flush()
-
-
 @click.command("exec", context_settings={"allow_interspersed_args": False},
                help="""Run COMMAND on VMs through their guest agents: (--all | VMS) -- COMMAND...
 
@@ -104,11 +75,11 @@ first non-zero one, and a line naming the VMs that failed).""")
 @click.pass_context
 def exec_command(ctx: click.Context, jobid: str | None, jobname: str | None, user: str | None,
                  timeout: float | None, all_vms: bool, args: tuple[str, ...]) -> None:
-    from vcluster.cli.clusters import read_clusters, select_cluster, with_store
+    from vcluster.cli.clusters import pick_cluster, with_store
     from vcluster.errors import InputError, VclusterError
 
     store, keys, me = with_store(ctx)
-    cluster = select_cluster(read_clusters(store, keys, me), jobid, jobname)
+    cluster = pick_cluster(store, keys, me, jobid, jobname)
     count = len(cluster.spec.plan.vms)
     if all_vms:
         indexes, command = list(range(count)), list(args)
@@ -126,14 +97,18 @@ def exec_command(ctx: click.Context, jobid: str | None, jobname: str | None, use
             raise VclusterError(f"vm{i} of job {cluster.spec.job} has not started on a host "
                                 f"yet (state: {state})")
         hosts.setdefault(record.host, []).append(i)
-    statuses = _run(cluster.spec.job, hosts, command, user, timeout, names=len(indexes) > 1)
+    from vcluster.execwire import NO_GUEST_AGENT
+    from vcluster.launch.vmexec import VmCommand, run_in_vms, summary
+
+    statuses = run_in_vms(VmCommand(cluster.spec.job, hosts, tuple(command), user=user,
+                                    timeout=timeout, names=len(indexes) > 1))
     templates = {vm.index: vm.template for vm in cluster.spec.plan.vms}
     for i in indexes:
         if i not in statuses:
             click.echo(f"vcluster: error: vm{i}: no answer from its host {record_host(cluster, i)}"
                        " (see the lines above)", err=True)
             statuses[i] = 1
-        elif statuses[i] < 0:
+        elif statuses[i] == NO_GUEST_AGENT:
             click.echo(f"vcluster: error: vm{i}: its guest agent did not answer: does the image "
                        f"of template {templates[i]!r} run qemu-guest-agent?", err=True)
             statuses[i] = 1
@@ -148,32 +123,3 @@ def exec_command(ctx: click.Context, jobid: str | None, jobname: str | None, use
 def record_host(cluster: Cluster, index: int) -> str:
     record = cluster.vms.get(index)
     return (record.host if record else None) or "?"
-
-
-def _run(job: str, hosts: dict[str, list[int]], command: Sequence[str], user: str | None,
-         timeout: float | None, *, names: bool) -> dict[int, int]:
-    """One srun per host, in parallel; each VM's exit status."""
-    import subprocess
-
-    from vcluster.run import spawn
-
-    procs: list[subprocess.Popen[bytes]] = []
-    threads: list[threading.Thread] = []
-    got: dict[str, int] = {}
-    for host, vms in hosts.items():
-        argv = ["srun", f"--jobid={job}", "--overlap", f"--nodelist={host}", "--nodes=1",
-                "--ntasks=1", "--quiet", sys.executable, "-m", "vcluster", "internal", "exec",
-                "--job", job, *(f"--vm={i}" for i in vms),
-                *(["--user", user] if user else []),
-                *([f"--timeout={timeout}"] if timeout else []),
-                "--names" if names else "--no-names", "--", *command]
-        proc = spawn(argv, stdin=None, stdout=subprocess.PIPE, stderr=None)
-        assert proc.stdout is not None
-        thread = threading.Thread(target=_relay, args=(proc.stdout, got))
-        thread.start()
-        procs.append(proc)
-        threads.append(thread)
-    for proc, thread in zip(procs, threads, strict=True):
-        proc.wait()
-        thread.join()
-    return {int(name[2:]): status for name, status in got.items()}

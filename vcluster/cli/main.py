@@ -20,6 +20,7 @@ from vcluster.errors import VclusterError
 # name -> "module:attribute"; modules are imported on first use.
 COMMANDS: dict[str, str] = {
     "alloc": "vcluster.cli.alloc:alloc",
+    "batch": "vcluster.cli.batch:batch",
     "check": "vcluster.cli.template:check",
     "console": "vcluster.cli.console:console",
     "image": "vcluster.cli.image:image",

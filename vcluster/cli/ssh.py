@@ -25,11 +25,11 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False
 def _cluster(ctx: click.Context, jobid: str | None, jobname: str | None) -> tuple[Cluster, str]:
     """The selected cluster and its private key (from the user's store prefix)."""
     from vcluster import sshkeys
-    from vcluster.cli.clusters import read_clusters, select_cluster, with_store
+    from vcluster.cli.clusters import pick_cluster, with_store
     from vcluster.errors import VclusterError
 
     store, keys, user = with_store(ctx)
-    cluster = select_cluster(read_clusters(store, keys, user), jobid, jobname)
+    cluster = pick_cluster(store, keys, user, jobid, jobname)
     entry = store.get(keys.cluster_key(user, cluster.spec.job, sshkeys.PRIVATE))
     if entry is None:
         raise VclusterError(f"job {cluster.spec.job} has no ssh key in the store (is the "
@@ -129,13 +129,13 @@ from the VM's host.""")
 @click.argument("port", type=click.IntRange(1, 65535))
 @click.pass_context
 def nc(ctx: click.Context, jobid: str | None, jobname: str | None, vm: str, port: int) -> None:
-    from vcluster.cli.clusters import read_clusters, select_cluster, vm_index, with_store
+    from vcluster.cli.clusters import pick_cluster, vm_index, with_store
     from vcluster.cli.reach import check_reachable
     from vcluster.errors import VclusterError
     from vcluster.relay import relay_tcp
 
     store, keys, user = with_store(ctx)
-    cluster = select_cluster(read_clusters(store, keys, user), jobid, jobname)
+    cluster = pick_cluster(store, keys, user, jobid, jobname)
     index = vm_index(vm.partition("@")[2] or vm, cluster)
     record = cluster.vms.get(index)
     if port == 22:
@@ -150,7 +150,9 @@ def nc(ctx: click.Context, jobid: str | None, jobname: str | None, vm: str, port
         raise VclusterError(f"vm{index} of job {cluster.spec.job} has not started on a host "
                             "yet")
     job = cluster.spec.job
-    argv = ["srun", f"--jobid={job}", "--overlap", f"--nodelist={record.host}", "--nodes=1",
-            "--ntasks=1", "--quiet", sys.executable, "-m", "vcluster", "internal", "nc",
+    from vcluster.launch.overlap import overlap_argv, overlap_env
+    from vcluster.run import spawn
+
+    argv = [*overlap_argv(job, record.host), sys.executable, "-m", "vcluster", "internal", "nc",
             record.addresses[nat[0]], str(port)]
-    raise SystemExit(_run(argv))
+    raise SystemExit(spawn(argv, stdin=None, stdout=None, stderr=None, env=overlap_env()).wait())

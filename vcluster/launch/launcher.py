@@ -68,8 +68,19 @@ class VniSource(Protocol):
 
 
 @dataclass(frozen=True)
+class BatchScript:
+    """A batch job's script, as it was when the job was submitted."""
+
+    name: str  # its file name, for messages
+    text: str
+    args: tuple[str, ...] = ()
+    in_vm: bool = False  # -b: run in vm0 through its guest agent, not on the first host
+
+
+@dataclass(frozen=True)
 class LaunchOptions:
-    command: str | None = None  # -E CMD; None runs an interactive shell
+    command: str | None = None  # -E CMD; None runs an interactive shell (or the script)
+    script: BatchScript | None = None  # a batch job's script instead of the shell
     stop_timeout: float | None = None  # guest power-down wait; None: the runners' defaults
     ready_timeout: float = 600.0  # the whole cluster must be ready by then
     verbose: bool = False
@@ -140,7 +151,8 @@ class Launcher:
         """Write the key pair, one pending record per VM, then the spec; its revision."""
         pair = sshkeys.generate(f"vcluster-job-{self.job}")
         spec = ClusterSpec(self.job, self.job_name, self.user, os.getuid(), time.time(),
-                           pair.public, self.plan, vnis=dict(vnis))
+                           pair.public, self.plan, vnis=dict(vnis),
+                           mode="alloc" if self.options.script is None else "batch")
         k = self.keys
         self.store.put(k.cluster_key(self.user, self.job, sshkeys.PRIVATE), pair.private)
         self.store.put(k.cluster_key(self.user, self.job, sshkeys.PUBLIC), pair.public)
@@ -284,6 +296,8 @@ class Launcher:
                                       callback=self._warn_if_lost),
               tempfile.TemporaryDirectory(prefix="vcluster-shell-") as tmp):
             env = dict(os.environ, VCLUSTER_JOB_ID=self.job)
+            if self.options.script is not None:
+                return self._run_script(self.options.script, env, Path(tmp))
             shell = os.environ.get("SHELL") or "/bin/sh"
             if self.options.command is not None:
                 argv = [shell, "-c", self.options.command]
@@ -303,6 +317,24 @@ class Launcher:
                 proc = spawn(argv, env=env, stdin=None, stdout=None, stderr=None,
                              process_group=0 if own_group else None)
                 return self._wait_user(proc, own_group)
+
+    def _run_script(self, script: BatchScript, env: dict[str, str], tmp: Path) -> int:
+        """A batch job's script, on this host or in vm0; its exit status."""
+        from vcluster.launch.userscript import run_host_script, run_vm_script
+
+        if script.in_vm:
+            vm0 = self.view.records[0]
+            assert vm0.host is not None  # it is ready
+            code = run_vm_script(self.job, vm0.host, script, self.plan.vms[0].template,
+                                 cancelled=lambda: self.cancellation.cancelled, out=self.out)
+            self.check_cancelled()
+        else:
+            proc = run_host_script(script, env, tmp)
+            code = self._wait_user(proc, own_group=True)
+            code = 128 - code if code < 0 else code  # killed by signal N: 128 + N
+        where = "in vm0" if script.in_vm else "on the host"
+        self.say(f"{script.name} ({where}) exited with status {code}")
+        return code
 
     def _wait_user(self, proc: subprocess.Popen[bytes], own_group: bool) -> int:
         while True:

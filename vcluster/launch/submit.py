@@ -1,4 +1,4 @@
-"""Submitting a cluster: validate everything, then hand over to salloc (or sbatch, later)."""
+"""Submitting an interactive cluster: validate everything, then hand over to salloc."""
 
 from __future__ import annotations
 
@@ -50,6 +50,17 @@ def _has_option(options: list[str], short: str, long: str) -> bool:
                or (o.startswith(short) and not o.startswith("--")) for o in options)
 
 
+def _comment(options: list[str]) -> str | None:
+    """The user's own --comment for salloc (the last one), kept after vcluster's mark."""
+    found = None
+    for i, o in enumerate(options):
+        if o.startswith("--comment="):
+            found = o.partition("=")[2]
+        elif o == "--comment" and i + 1 < len(options):
+            found = options[i + 1]
+    return found
+
+
 def write_plan(text: str) -> Path:
     """The plan, in a file only the user can read, for the launcher to pick up."""
     fd, name = tempfile.mkstemp(prefix="vcluster-plan-", suffix=".json")
@@ -62,6 +73,7 @@ def submit_alloc(args: list[str], *, cpus: int | None, command: str | None,
                  stop_timeout: float | None, ready_timeout: float, verbose: bool) -> int:
     from vcluster.cluster import plan_cluster
     from vcluster.config.loader import load_config
+    from vcluster.launch.queue import job_comment
     from vcluster.store.records import to_json
 
     options, definition = split_definition(args)
@@ -74,6 +86,7 @@ def submit_alloc(args: list[str], *, cpus: int | None, command: str | None,
         argv.append(f"--cpus-per-task={cpus}")
     if not _has_option(options, "-J", "--job-name"):
         argv.append("--job-name=vcluster")
+    argv.append(f"--comment={job_comment('alloc', plan.definition, _comment(options))}")
     plan_path = write_plan(to_json(plan))
     argv += [sys.executable, "-m", "vcluster", "internal", "launcher", "--plan", str(plan_path),
              f"--ready-timeout={ready_timeout:g}"]

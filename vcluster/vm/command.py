@@ -78,9 +78,6 @@ def console_attach(job: str, index: int, show_log: bool, lines: int | None) -> N
     attach(files.console_socket, what)
 
 
-EXEC_STATUS = "\x1evcluster-exec-status "  # the last stdout line of internal exec: JSON statuses
-
-
 @click.command("exec")
 @click.option("--job", envvar="SLURM_JOB_ID", required=True, metavar="JOBID",
               help="The SLURM job (default: $SLURM_JOB_ID).")
@@ -90,9 +87,11 @@ EXEC_STATUS = "\x1evcluster-exec-status "  # the last stdout line of internal ex
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Give up on a command after SECONDS (status 124).")
 @click.option("--names/--no-names", default=False, help="Put each VM's name before its lines.")
+@click.option("--stdin", "with_stdin", is_flag=True,
+              help="Read all of stdin first and give it to the command as its stdin.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 def guest_exec(job: str, indexes: tuple[int, ...], user: str | None, timeout: float | None,
-               names: bool, argv: tuple[str, ...]) -> None:
+               names: bool, with_stdin: bool, argv: tuple[str, ...]) -> None:
     """Run ARGV in VMs of this host through their guest agents, in parallel.
 
     Each VM's output goes to this command's stdout and stderr once its command
@@ -100,14 +99,15 @@ def guest_exec(job: str, indexes: tuple[int, ...], user: str | None, timeout: fl
     line is a status line that vcluster exec reads. Runs on the VMs' host
     inside the job (vcluster exec uses srun --overlap for that).
     """
-    import json
     import threading
 
     from vcluster.config.loader import load_batch
     from vcluster.errors import VclusterError
+    from vcluster.execwire import NO_GUEST_AGENT, status_line
     from vcluster.vm.guestexec import GuestAgent, as_user
 
     layout = load_batch().directories.layout
+    data = sys.stdin.buffer.read() if with_stdin else None
     statuses: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -125,10 +125,10 @@ def guest_exec(job: str, indexes: tuple[int, ...], user: str | None, timeout: fl
         name = f"vm{index}"
         try:
             with GuestAgent(layout.vm(job, index).guest_agent_socket, name) as agent:
-                done = agent.run(as_user(user, argv), timeout)
+                done = agent.run(as_user(user, argv), timeout, stdin=data)
             status, out, err = done.status, done.stdout, done.stderr
         except VclusterError as e:  # no guest agent: -1 in the status line, not an exit status
-            status, out, err = -1, b"", f"vcluster: error: {e}\n".encode()
+            status, out, err = NO_GUEST_AGENT, b"", f"vcluster: error: {e}\n".encode()
         with lock:
             emit(1, name, out)
             emit(2, name, err)
@@ -139,7 +139,7 @@ def guest_exec(job: str, indexes: tuple[int, ...], user: str | None, timeout: fl
         t.start()
     for t in threads:
         t.join()
-    sys.stdout.write(EXEC_STATUS + json.dumps(statuses) + "\n")
+    sys.stdout.buffer.write(status_line(statuses))
     sys.stdout.flush()
 
 

@@ -90,11 +90,16 @@ class GuestAgent:
     def _call(self, command: str, arguments: dict[str, Any], timeout: float) -> Any:
         return self._sync(command, self._client.execute(command, arguments), timeout)
 
-    def run(self, argv: Sequence[str], timeout: float | None) -> Finished:
-        """Run ``argv`` in the guest and wait for it (at most ``timeout`` seconds)."""
+    def run(self, argv: Sequence[str], timeout: float | None,
+            stdin: bytes | None = None) -> Finished:
+        """Run ``argv`` in the guest and wait for it (at most ``timeout`` seconds); ``stdin``
+        is all its standard input (qemu-ga writes it, then closes the pipe)."""
+        arguments: dict[str, Any] = {"path": argv[0], "arg": list(argv[1:]),
+                                     "capture-output": True}
+        if stdin is not None:
+            arguments["input-data"] = base64.b64encode(stdin).decode()
         try:
-            started = self._call("guest-exec", {"path": argv[0], "arg": list(argv[1:]),
-                                                "capture-output": True}, PING_TIMEOUT)
+            started = self._call("guest-exec", arguments, PING_TIMEOUT)
         except GuestAgentError as e:
             if isinstance(e.__cause__, ExecuteError):  # the guest could not start it
                 return Finished(127, b"", f"{argv[0]}: {e.__cause__}\n".encode())
