@@ -98,7 +98,7 @@ echo "host file: $(od -A n -t x4 -N 4 {run_dir}/jobs/$VCLUSTER_JOB_ID/fam/fam)"
     assert proc.returncode == 0, out
     job = job_of(out)
     assert f"job={job}" in out  # VCLUSTER_JOB_ID was set for the script
-    assert re.search(rf"^{job}\s+vcluster\s+2\s+2 ready\s+h1$", out, re.M), out
+    assert re.search(rf"^{job}\s+vcluster\s+alloc\s+ready\s+2\s+2 ready\s+h1$", out, re.M), out
     assert f"fam-test: vm0 wrote {MARKER}" in out
     assert f"fam-test: vm1 read {MARKER}" in out
     assert f"host file:  {MARKER[2:].lower()}" in out
@@ -233,7 +233,8 @@ def test_agent_restarted_mid_job_keeps_its_resources(
         touch(shared.flags / "restart")
         code = running.finish(120)
     assert code == 0, running.output
-    assert re.search(rf"^{job}\s+vcluster\s+1\s+1 ready\s+h1$", running.output, re.M)
+    assert re.search(rf"^{job}\s+vcluster\s+alloc\s+ready\s+1\s+1 ready\s+h1$", running.output,
+                     re.M)
     assert_nothing_left(sandbox, tool, job, ALICE)
 
 

@@ -63,7 +63,7 @@ def _options_help() -> str:
                                  "allow_interspersed_args": False,
                                  "help_option_names": ["--help"]})
 @click.argument("words", nargs=-1, type=click.UNPROCESSED,
-                metavar="[OPTIONS] [DEFINITION] SCRIPT [ARGS...]")
+                metavar="[DEFINITION] SCRIPT [ARGS...]")
 def batch(words: tuple[str, ...]) -> None:
     from vcluster.launch.batch import submit_batch
 

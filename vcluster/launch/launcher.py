@@ -332,6 +332,8 @@ class Launcher:
             proc = run_host_script(script, env, tmp)
             code = self._wait_user(proc, own_group=True)
             code = 128 - code if code < 0 else code  # killed by signal N: 128 + N
+            # scancel signals the script as well as the launcher: say what stopped it
+            self.check_cancelled()
         where = "in vm0" if script.in_vm else "on the host"
         self.say(f"{script.name} ({where}) exited with status {code}")
         return code
