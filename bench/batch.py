@@ -20,8 +20,6 @@ must end with exit code 0:0.
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 import statistics
 import sys
@@ -37,7 +35,7 @@ if TYPE_CHECKING:
 if __package__ in (None, ""):  # run as ``python3 bench/batch.py``: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.sandbox import fail, sandbox
+from bench.sandbox import fail, run_rounds
 
 NAME = "bench/batch.py"
 HOSTS = 3
@@ -124,21 +122,7 @@ def bench(box: SandboxState, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=1, help="rounds (default 1)")
-    parser.add_argument("--images", type=Path, default=None,
-                        help="the repository holding tiny (default $VCLUSTER_TEST_IMAGES "
-                             "or /var/cache/vcluster-test/images)")
-    args = parser.parse_args()
-    if args.rounds < 1:
-        fail(NAME, "--rounds must be at least 1")
-    if os.geteuid() != 0:
-        fail(NAME, "needs root (it brings up a sandbox: namespaces, SLURM, etcd, agents)")
-    from bench.boot_tiny import DEFAULT_IMAGES
-
-    images: Path = (args.images or DEFAULT_IMAGES).absolute()
-    with sandbox(images, HOSTS, NAME) as box:
-        bench(box, args.rounds)
+    run_rounds(NAME, __doc__, HOSTS, 1, bench)
 
 
 if __name__ == "__main__":

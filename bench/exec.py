@@ -19,8 +19,6 @@ exit 0.  The ratios to plain ssh are printed too.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,7 @@ if TYPE_CHECKING:
 if __package__ in (None, ""):  # run as ``python3 bench/exec.py``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.sandbox import cluster, fail, flag_directory, sandbox
+from bench.sandbox import cluster, fail, flag_directory, run_rounds
 
 NAME = "bench/exec.py"
 HOSTS = 3
@@ -93,21 +91,7 @@ def bench(box: SandboxState, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10, help="rounds (default 10)")
-    parser.add_argument("--images", type=Path, default=None,
-                        help="the repository holding tiny (default $VCLUSTER_TEST_IMAGES "
-                             "or /var/cache/vcluster-test/images)")
-    args = parser.parse_args()
-    if args.rounds < 1:
-        fail(NAME, "--rounds must be at least 1")
-    if os.geteuid() != 0:
-        fail(NAME, "needs root (it brings up a sandbox: namespaces, SLURM, etcd, agents)")
-    from bench.boot_tiny import DEFAULT_IMAGES
-
-    images: Path = (args.images or DEFAULT_IMAGES).absolute()
-    with sandbox(images, HOSTS, NAME) as box:
-        bench(box, args.rounds)
+    run_rounds(NAME, __doc__, HOSTS, 10, bench)
 
 
 if __name__ == "__main__":

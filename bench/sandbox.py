@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -31,6 +31,30 @@ FLAG = "bench-cluster-done"
 
 def fail(name: str, message: str) -> NoReturn:
     raise SystemExit(f"{name}: {message}")
+
+
+def run_rounds(name: str, doc: str | None, hosts: int, default_rounds: int,
+               bench: Callable[[SandboxState, int], None]) -> None:
+    """The command line of a sandbox benchmark: ``--rounds``, ``--images``; root checked;
+    ``bench(sandbox, rounds)`` run in a sandbox of ``hosts`` hosts."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=default_rounds,
+                        help=f"rounds (default {default_rounds})")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="the repository holding tiny (default $VCLUSTER_TEST_IMAGES "
+                             "or /var/cache/vcluster-test/images)")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        fail(name, "--rounds must be at least 1")
+    if os.geteuid() != 0:
+        fail(name, "needs root (it brings up a sandbox: namespaces, SLURM, etcd, agents)")
+    from bench.boot_tiny import DEFAULT_IMAGES
+
+    images: Path = (args.images or DEFAULT_IMAGES).absolute()
+    with sandbox(images, hosts, name) as box:
+        bench(box, args.rounds)
 
 
 @contextmanager

@@ -16,21 +16,47 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import require_root
 from tests.helpers.waiting import wait_for
 from tests.support_agent import (
     JobTool,
     epilog_ran,
+    job_tool,
     nothing_left,
     store_keys,
     store_value,
+    unix_users,
 )
 from tests.support_sandbox import Sandbox
 
 _JOB = re.compile(r"vcluster: job (\d+): starting")
+
+
+def module_users(*names: str) -> Callable[[], Iterator[None]]:
+    """The module fixture ``users``: unix users made for a module's tests, removed after.
+
+    In the module: ``users = module_users(ALICE, BOB)``.
+    """
+    @pytest.fixture(scope="module", name="users")
+    def made() -> Iterator[None]:
+        require_root("the tests make unix users")
+        with unix_users(*names):
+            yield
+
+    return made
+
+
+@pytest.fixture(scope="module")
+def tool(sandbox: Sandbox, users: None) -> Iterator[JobTool]:
+    """The job tool (the agent's view of a job's devices on each host), for the module."""
+    with job_tool(sandbox) as made:
+        yield made
 
 
 @dataclass

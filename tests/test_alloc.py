@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require_root
 from tests.helpers.waiting import wait_for
-from tests.support_agent import JobTool, job_tool, store_keys, unix_users
+from tests.support_agent import JobTool, store_keys
 from tests.support_alloc import (
     Shared,
     alloc,
@@ -28,16 +27,18 @@ from tests.support_alloc import (
     background_alloc,
     job_of,
     launcher_pid,
+    module_users,
     qemu_pids,
     runner_pid,
     shared_dir,
+    tool,
     touch,
     wait_flag,
 )
 from tests.support_images import guest_script, require_image
 from tests.support_sandbox import Sandbox, sandbox
 
-__all__ = ["sandbox"]
+__all__ = ["sandbox", "tool"]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.qemu, pytest.mark.images]
 
@@ -59,23 +60,13 @@ ghost:
 """
 
 
-@pytest.fixture(scope="module")
-def users() -> Iterator[None]:
-    require_root("the tests make unix users")
-    with unix_users(ALICE, BOB):
-        yield
+users = module_users(ALICE, BOB)
 
 
 @pytest.fixture(scope="module")
 def shared(users: None) -> Iterator[Shared]:
     require_image("tiny")
     with shared_dir(TEMPLATES, {"fam.sh": FAM_SCRIPT}) as made:
-        yield made
-
-
-@pytest.fixture(scope="module")
-def tool(sandbox: Sandbox, users: None) -> Iterator[JobTool]:
-    with job_tool(sandbox) as made:
         yield made
 
 

@@ -17,15 +17,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root
 from tests.helpers.waiting import wait_for
-from tests.support_agent import JobTool, job_tool, nothing_left, store_keys, unix_users
-from tests.support_alloc import Shared, nothing_left_anywhere, shared_dir, wait_flag
+from tests.support_agent import JobTool, nothing_left, store_keys
+from tests.support_alloc import (
+    Shared,
+    module_users,
+    nothing_left_anywhere,
+    shared_dir,
+    tool,
+    wait_flag,
+)
 from tests.support_images import require_image
 from tests.support_sandbox import Sandbox, sandbox
 from vcluster.launch.sbatchopts import SBATCH_OPTIONS, Takes
 
-__all__ = ["sandbox"]
+__all__ = ["sandbox", "tool"]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.qemu, pytest.mark.images]
 
@@ -86,17 +92,7 @@ class Batch:
         return out
 
 
-@pytest.fixture(scope="module")
-def users() -> Iterator[None]:
-    require_root("the tests make unix users")
-    with unix_users(ALICE):
-        yield
-
-
-@pytest.fixture(scope="module")
-def tool(sandbox: Sandbox, users: None) -> Iterator[JobTool]:
-    with job_tool(sandbox) as made:
-        yield made
+users = module_users(ALICE)
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root
 from tests.support_agent import (
     JobTool,
-    job_tool,
     store_value,
-    unix_users,
 )
 from tests.support_alloc import (
     BackgroundAlloc,
     Shared,
     alloc,
     background_alloc,
+    module_users,
     nothing_left_anywhere,
     shared_dir,
+    tool,
     touch,
     wait_flag,
 )
@@ -36,7 +35,7 @@ from tests.support_images import require_image
 from tests.support_sandbox import Sandbox, sandbox
 from vcluster.cluster import mac_address
 
-__all__ = ["sandbox"]  # the session's sandbox fixture, imported so that pytest finds it
+__all__ = ["sandbox", "tool"]  # the session's sandbox fixture, imported so that pytest finds it
 
 pytestmark = [pytest.mark.slurm, pytest.mark.qemu, pytest.mark.images]
 
@@ -72,11 +71,7 @@ narrow:
 """
 
 
-@pytest.fixture(scope="module")
-def users() -> Iterator[None]:
-    require_root("the tests make unix users")
-    with unix_users(ALICE, BOB):
-        yield
+users = module_users(ALICE, BOB)
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +100,6 @@ def site(sandbox: Sandbox) -> Iterator[None]:
 def shared(users: None, site: None) -> Iterator[Shared]:
     require_image("tiny")
     with shared_dir(TEMPLATES, {}) as made:
-        yield made
-
-
-@pytest.fixture(scope="module")
-def tool(sandbox: Sandbox, users: None) -> Iterator[JobTool]:
-    with job_tool(sandbox) as made:
         yield made
 
 

@@ -18,22 +18,23 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import require_root
-from tests.support_agent import JobTool, job_tool, store_put, store_value, unix_users
+from tests.support_agent import JobTool, store_put, store_value
 from tests.support_alloc import (
     BackgroundAlloc,
     Shared,
     alloc,
     background_alloc,
+    module_users,
     nothing_left_anywhere,
     shared_dir,
+    tool,
     touch,
     wait_flag,
 )
 from tests.support_images import require_image
 from tests.support_sandbox import Sandbox, sandbox
 
-__all__ = ["sandbox"]
+__all__ = ["sandbox", "tool"]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.qemu, pytest.mark.images]
 
@@ -66,17 +67,7 @@ class Booted:
         return data
 
 
-@pytest.fixture(scope="module")
-def users() -> Iterator[None]:
-    require_root("the tests make unix users")
-    with unix_users(ALICE, BOB):
-        yield
-
-
-@pytest.fixture(scope="module")
-def tool(sandbox: Sandbox, users: None) -> Iterator[JobTool]:
-    with job_tool(sandbox) as made:
-        yield made
+users = module_users(ALICE, BOB)
 
 
 @pytest.fixture(scope="module")
