@@ -58,6 +58,7 @@ class BootPlan:
     append: str
     readiness: Readiness
     user: str = "root"  # the image's default login user (ssh, exec)
+    repository: Path | None = None  # the image repository it came from (None: a path)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def _boot(t: Template, repos: Sequence[Path]) -> BootPlan:
         kernel=kernel,
         initrd=t.initrd or (image.initrd if image else None),
         disk=(image.disk if image else disk) if kind == "disk" else None,
+        repository=image.repo if image else None,
         append=append,
         readiness=Readiness.TINY_INIT if kind == "initramfs" else Readiness.FINAL_MESSAGE,
         user=image.info.user if image else "root",
@@ -241,6 +243,13 @@ def image_repositories(config: Config) -> list[Path]:
     from vcluster.config.paths import user_dir
 
     return [user_dir() / "images", config.batch.directories.images]
+
+
+def named_repositories(config: Config) -> dict[str, Path]:
+    """``user`` and ``site``: the repositories an image reference ``REPO:NAME`` names."""
+    from vcluster.images.repo import REPOSITORIES
+
+    return dict(zip(REPOSITORIES, image_repositories(config), strict=True))
 
 
 def plan_cluster(config: Config, definition: str, *, cpus_per_task: int | None = None,

@@ -57,6 +57,16 @@ class VmFiles:
         return self.dir / "qmp.sock"
 
     @property
+    def tools_qmp_socket(self) -> Path:
+        """QEMU's second monitor, for tools such as vcluster save (one client at a time)."""
+        return self.dir / "qmp-tools.sock"
+
+    @property
+    def save_lock(self) -> Path:
+        """Held (flock) by the save of this VM that is running."""
+        return self.dir / "save.lock"
+
+    @property
     def guest_agent_socket(self) -> Path:
         return self.dir / "qga.sock"
 

@@ -119,11 +119,11 @@ def serial_args(*, socket: PathLike | None = None, log: PathLike | None = None) 
     return ["-chardev", chardev, "-serial", "chardev:serial0"]
 
 
-def qmp_args(socket: PathLike) -> list[str]:
+def qmp_args(socket: PathLike, *, chardev_id: str = "qmp") -> list[str]:
     """A QMP monitor on a unix socket (server, non-blocking)."""
     return [
-        "-chardev", options("socket", id="qmp", path=socket, server=True, wait=False),
-        "-mon", options(chardev="qmp", mode="control"),
+        "-chardev", options("socket", id=chardev_id, path=socket, server=True, wait=False),
+        "-mon", options(chardev=chardev_id, mode="control"),
     ]
 
 
@@ -197,6 +197,8 @@ class VmSpec:
     serial_socket: Path | None = None
     serial_log: Path | None = None
     qmp_socket: Path | None = None
+    # a second monitor for tools (vcluster save), the first being the runner's for good
+    tools_qmp_socket: Path | None = None
     guest_agent_socket: Path | None = None
     # A virtio-rng from the host's random source: without it a TCG guest waits about a
     # second for its random pool before it can make or read a key (ssh servers do)
@@ -234,6 +236,8 @@ def build_argv(spec: VmSpec) -> list[str]:
     argv += serial_args(socket=spec.serial_socket, log=spec.serial_log)
     if spec.qmp_socket is not None:
         argv += qmp_args(spec.qmp_socket)
+    if spec.tools_qmp_socket is not None:
+        argv += qmp_args(spec.tools_qmp_socket, chardev_id="qmp-tools")
     if spec.guest_agent_socket is not None:
         argv += guest_agent_args(spec.guest_agent_socket)
     if spec.entropy:

@@ -12,6 +12,7 @@ INTERNAL: dict[str, str] = {
     "console-attach": "vcluster.vm.command:console_attach",
     "exec": "vcluster.vm.command:guest_exec",
     "nc": "vcluster.vm.command:nc",
+    "save": "vcluster.vm.command:save",
 }
 
 

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "nc": "vcluster.cli.ssh:nc",
     "ps": "vcluster.cli.ps:ps",
     "sandbox": "vcluster.cli.sandbox:sandbox",
+    "save": "vcluster.cli.save:save",
     "scp": "vcluster.cli.ssh:scp",
     "ssh": "vcluster.cli.ssh:ssh",
     "ssh-config": "vcluster.cli.ssh:ssh_config",

@@ -22,7 +22,8 @@ from vcluster.schema.source import Node
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_EXPECTED = "a name of letters, digits, '.', '_' or '-'"
-IMAGE_EXPECTED = "an image NAME[@REVISION] from an image repository, or a path"
+IMAGE_EXPECTED = ("an image [REPO:]NAME[@REVISION] from an image repository (REPO: user or "
+                  "site), or a path")
 
 # Field names as written in YAML, in display order.
 FIELDS = (
@@ -32,18 +33,23 @@ FIELDS = (
 )
 
 
+REPOSITORIES = ("user", "site")  # the names of the image repositories, in lookup order
+
+
 @dataclass(frozen=True)
 class ImageRef:
-    """``name[@revision]`` in an image repository, or a ``path``."""
+    """``[repo:]name[@revision]`` in an image repository, or a ``path``."""
 
     name: str | None = None
     revision: int | None = None
     path: Path | None = None
+    repo: str | None = None  # user or site; None: the user's first, then the site's
 
     def __str__(self) -> str:
         if self.path is not None:
             return str(self.path)
-        return f"{self.name}@{self.revision}" if self.revision is not None else str(self.name)
+        text = f"{self.repo}:{self.name}" if self.repo else str(self.name)
+        return f"{text}@{self.revision}" if self.revision is not None else text
 
 
 @dataclass(frozen=True)
@@ -123,10 +129,12 @@ def _image(sec: Section, base: Path) -> ImageRef | None:
     if "/" in text or text.startswith(("~", ".")):
         path = Path(text).expanduser()
         return ImageRef(path=path if path.is_absolute() else base / path)
-    name, sep, rev = text.partition("@")
-    if not NAME_RE.match(name) or (sep and not rev.isdigit()):
+    repo, colon, rest = text.rpartition(":")
+    name, sep, rev = rest.partition("@")
+    if (not NAME_RE.match(name) or (sep and not rev.isdigit())
+            or (colon and repo not in REPOSITORIES)):
         raise sec.error("image", f"{text!r} is not an image reference", IMAGE_EXPECTED)
-    return ImageRef(name=name, revision=int(rev) if sep else None)
+    return ImageRef(name=name, revision=int(rev) if sep else None, repo=repo or None)
 
 
 def _user_data(sec: Section, base: Path) -> UserData | None:

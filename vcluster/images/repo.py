@@ -32,6 +32,7 @@ user's first, then the site's) by ``resolve_image``.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -51,6 +52,8 @@ FORMAT = 1
 KINDS = ("disk", "initramfs")
 ROLES = ("disk", "kernel", "initrd", "initramfs")
 INFO_FILE = "image.json"
+STAGING_PREFIX = ".build-"  # hidden directories of revisions being made
+LOCK_FILE = ".lock"
 DEFAULT_USER = "root"
 # useradd's default NAME_REGEX (Debian's adduser is stricter), at most 32 characters
 USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -70,6 +73,8 @@ class ImageInfo:
     parent: int | None = None
     append: str = ""
     user: str = DEFAULT_USER
+    made_by: str | None = None  # the user who saved it (None: built)
+    source: str | None = None  # what it was saved from: "vm0 of job 12 (debian@2)"
     format: int = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -120,6 +125,20 @@ class Image:
     def initrd(self) -> Path | None:
         """The initrd for a disk image, or the initramfs for an initramfs image."""
         return self.file("initrd") or self.file("initramfs")
+
+
+REPOSITORIES = ("user", "site")  # repository names, in the order resolve_image is given them
+
+
+def split_repository(ref: str) -> tuple[str | None, str]:
+    """``user:mine@2`` -> (user, mine@2); ``debian`` -> (None, debian)."""
+    repo, colon, rest = ref.rpartition(":")
+    if not colon:
+        return None, ref
+    if repo not in REPOSITORIES:
+        raise InputError(f"image reference {ref!r}: unknown repository {repo!r} (expected "
+                         f"{' or '.join(REPOSITORIES)}, as in user:NAME)")
+    return repo, rest
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -175,18 +194,59 @@ class Repository:
         return Image(self.root, replace(info, revision=rev), path)
 
     @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The repository's own lock (``flock`` on its directory), held while staging
+        directories are made or swept."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextmanager
     def staging(self, name: str) -> Iterator[Path]:
-        """A temporary directory inside the repository, removed unless committed."""
+        """A temporary directory inside the repository, removed unless committed.
+
+        It is locked (``flock`` on its ``.lock``) while it is in use, and made
+        with its lock under the repository's lock, so that ``sweep`` can tell
+        the staging directory of a build or save that was killed from one
+        that is running.
+        """
         parse_ref(name)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=self.root))
+            with self._locked():
+                tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-", dir=self.root))
+                lock = open(tmp / LOCK_FILE, "w")  # noqa: SIM115 - held for the whole block
+                fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as e:
             raise ImageError(f"cannot write to the image repository {self.root}: {e}") from e
         try:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            lock.close()
+
+    def sweep(self) -> list[Path]:
+        """Remove the staging directories of builds and saves that died; those removed."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        with self._locked():
+            for tmp in self.root.glob(f"{STAGING_PREFIX}*"):
+                try:
+                    # a staging directory without its lock file died as it was being made
+                    if (tmp / LOCK_FILE).exists():
+                        with open(tmp / LOCK_FILE) as lock:
+                            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed.append(tmp)
+                except BlockingIOError:
+                    continue  # in use
+                except OSError:
+                    continue  # not ours to remove, or gone already
+        return removed
 
     def commit(self, staging: Path, info: ImageInfo) -> Image:
         """Move a staged revision into place as the next revision of ``info.name``."""
@@ -198,6 +258,7 @@ class Repository:
         base = self.root / info.name
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(staging, 0o755)
+        (staging / LOCK_FILE).unlink(missing_ok=True)  # the flock stays on the open file
         created = info.created or datetime.now(UTC).isoformat(timespec="seconds")
         revisions = self.revisions(info.name)
         rev = revisions[-1] + 1 if revisions else 0
@@ -215,7 +276,14 @@ class Repository:
 
 
 def resolve_image(ref: str, repos: Sequence[Path]) -> Image:
-    """Find ``name[@revision]`` in the first repository that has it."""
+    """Find ``[repo:]name[@revision]`` in the first repository that has it.
+
+    ``repos`` are the user's repository and the site's, in that order
+    (``REPOSITORIES``); a ``repo:`` prefix looks in that one alone.
+    """
+    named, ref = split_repository(ref)
+    if named is not None:
+        repos = [repos[REPOSITORIES.index(named)]]
     name, revision = parse_ref(ref)
     for root in repos:
         repo = Repository(root)

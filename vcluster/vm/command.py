@@ -1,10 +1,11 @@
-"""``vcluster internal vm``, ``console-attach``, ``exec`` and ``nc`` (light imports only)."""
+"""``vcluster internal vm``, ``console-attach``, ``exec``, ``nc`` and ``save`` (light imports)."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import sys
+from pathlib import Path
 
 import click
 
@@ -151,3 +152,44 @@ def nc(address: str, port: int) -> None:
     from vcluster.relay import relay_tcp
 
     sys.exit(relay_tcp(address, port))
+
+
+@click.command("save")
+@click.option("--job", envvar="SLURM_JOB_ID", required=True, metavar="JOBID",
+              help="The SLURM job (default: $SLURM_JOB_ID).")
+@click.option("--vm", "index", type=click.IntRange(min=0), required=True, metavar="N",
+              help="The VM of the job on this host.")
+@click.option("--source", type=click.Path(path_type=Path), required=True, metavar="DIR",
+              help="The image revision the VM was started from (its directory).")
+@click.option("--dest", type=click.Path(path_type=Path), required=True, metavar="REPO",
+              help="The repository to save into.")
+@click.option("--name", required=True, help="The image to add a revision to.")
+@click.option("--full", is_flag=True, help="A standalone, compressed revision.")
+@click.option("--no-freeze", is_flag=True, help="Do not freeze the guest's file systems.")
+@click.option("--max-depth", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Flatten the revision when its chain of layers would be deeper.")
+def save(job: str, index: int, source: Path, dest: Path, name: str, full: bool,
+         no_freeze: bool, max_depth: int) -> None:
+    """Save the root disk of a VM of this host as a new image revision, the VM running.
+
+    Runs on the VM's host inside the job (vcluster save uses srun --overlap
+    for that), as the VM's user; prints progress on stderr and the saved
+    revision (IMAGE@REVISION and its directory) on stdout.
+    """
+    from vcluster.config.loader import load_batch
+    from vcluster.identity import user_name
+    from vcluster.images.repo import INFO_FILE, Image, ImageInfo, Repository
+    from vcluster.vm.save import SaveRequest, save_vm
+
+    info_path = source / INFO_FILE
+    info = ImageInfo.from_json(info_path.read_text(), info_path)
+    image = Image(source.parent.parent, info, source)
+    files = load_batch().directories.layout.vm(job, index)
+    request = SaveRequest(job, index, image, Repository(dest), name, full, not no_freeze,
+                          user_name(), max_depth)
+
+    def say(text: str) -> None:
+        print(f"vcluster: save vm{index}: {text}", file=sys.stderr, flush=True)
+
+    saved = save_vm(request, files, say)
+    print(f"{saved.ref} {saved.path}", flush=True)

@@ -90,6 +90,11 @@ class GuestAgent:
     def _call(self, command: str, arguments: dict[str, Any], timeout: float) -> Any:
         return self._sync(command, self._client.execute(command, arguments), timeout)
 
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, *,
+                timeout: float = PING_TIMEOUT) -> Any:
+        """One guest agent command (such as ``guest-fsfreeze-freeze``) and its answer."""
+        return self._call(command, arguments or {}, timeout)
+
     def run(self, argv: Sequence[str], timeout: float | None,
             stdin: bytes | None = None) -> Finished:
         """Run ``argv`` in the guest and wait for it (at most ``timeout`` seconds); ``stdin``

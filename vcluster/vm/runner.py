@@ -307,11 +307,15 @@ class Runner:
 
     def serve(self, ready: Ready) -> None:
         """Keep the VM until a stop signal; QEMU ending meanwhile is a failure."""
+        from vcluster.vm.save import thaw_if_abandoned
+
         booted = ready.booted
         while not self.cancellation.wait(POLL):
             if booted.qemu.poll() is not None:
                 raise VmError(exit_reason(booted.qemu, booted.prepared.files.qemu_stderr,
                                           " while the VM was ready (did the guest power off?)"))
+            if thaw_if_abandoned(booted.prepared.files):  # a save died with the guest frozen
+                log.warning("%s: thawed the guest a killed save had frozen", self.name)
 
     # ------------------------------------------------------------ the end
 

@@ -1,0 +1,226 @@
+"""Saving a running QEMU's disk (``vm/save.py``), against real QEMU processes and qemu-img.
+
+No guest is needed to copy a disk: each VM here is a QEMU with no machine
+(``-machine none``) whose only device is the root drive ``disk0``, a qcow2
+overlay over a revision of a small test image, with its tools monitor on
+the VM's socket, as the runner starts it.  Data is written into the
+overlay through QEMU (``qemu-io`` on the monitor), so QEMU owns the disk as
+it does a guest's.  What is checked is the content: ``qemu-img compare`` of
+each saved revision with the VM's own disk, ``qemu-img check`` of every
+revision, and what a killed save leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.waiting import wait_for
+from vcluster.hostpaths import HostLayout, VmFiles
+from vcluster.images.repo import Image, ImageInfo, Repository
+from vcluster.vm.control import Qmp
+from vcluster.vm.save import SaveRequest, save_vm
+
+pytestmark = [pytest.mark.qemu]
+
+JOB = "77"
+SIZE = 256 << 20
+
+
+def qemu_img(*args: str) -> str:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+@dataclass
+class Vm:
+    files: VmFiles
+    proc: subprocess.Popen[bytes]
+
+    def write(self, offset: int, length: int, pattern: int) -> None:
+        """Write ``pattern`` bytes into the VM's disk through QEMU."""
+        qmp = Qmp(self.files.tools_qmp_socket, "test")
+        qmp.connect(time.monotonic() + 10, lambda: self.proc.poll() is None)
+        try:
+            # flushed, so that qemu-img reading the overlay beside QEMU sees the data
+            for command in (f"write -P {pattern} {offset} {length}", "flush"):
+                out = qmp.execute("human-monitor-command", {
+                    "command-line": f"qemu-io disk0 \"{command}\""}, timeout=60)
+                assert "error" not in str(out).lower(), out
+        finally:
+            qmp.close()
+
+    def same_as(self, image: Image) -> bool:
+        assert image.disk is not None
+        done = subprocess.run(["qemu-img", "compare", "-U", str(self.files.overlay),
+                               str(image.disk)], capture_output=True, text=True, check=False)
+        return done.returncode == 0
+
+
+@dataclass
+class Site:
+    root: Path
+    base: Image
+    layout: HostLayout
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def user(self) -> Repository:
+        return Repository(self.root / "user")
+
+    @property
+    def site(self) -> Repository:
+        return Repository(self.base.repo)
+
+    def request(self, vm: Vm, *, dest: Repository | None = None, name: str = "base",
+                full: bool = False, source: Image | None = None) -> SaveRequest:
+        return SaveRequest(JOB, int(vm.files.dir.name[2:]), source or self.base,
+                           dest or self.site, name, full, False, "tester")
+
+    def save_argv(self, vm: Vm, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "vcluster", "internal", "save", "--job", JOB,
+                f"--vm={vm.files.dir.name[2:]}", f"--source={self.base.path}",
+                f"--dest={self.site.root}", "--name=base", "--no-freeze", *extra]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "VCLUSTER_CONF": str(self.conf)}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    root = tmp_path_factory.mktemp("save")
+    layout = HostLayout(state=root / "state", run=root / "run")
+    (root / "conf").mkdir()
+    (root / "conf" / "batch.yaml").write_text(json.dumps({"directories": {
+        "state": str(layout.state), "run": str(layout.run), "images": str(root / "site")}}))
+    repo = Repository(root / "site")
+    with repo.staging("base") as staging:
+        qemu_img("create", "-q", "-f", "qcow2", str(staging / "disk.qcow2"), str(SIZE))
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 4M",
+                        str(staging / "disk.qcow2")], check=True, capture_output=True)
+        (staging / "vmlinuz").write_bytes(b"kernel")
+        (staging / "initrd.img").write_bytes(b"initrd")
+        base = repo.commit(staging, ImageInfo(
+            name="base", kind="disk", recipe="test", append="root=/dev/vda",
+            files={"disk": "disk.qcow2", "kernel": "vmlinuz", "initrd": "initrd.img"}))
+    return Site(root, base, layout)
+
+
+@pytest.fixture(scope="module")
+def vms(site: Site) -> Iterator[list[Vm]]:
+    made = []
+    try:
+        for index in range(2):
+            files = site.layout.vm(JOB, index)
+            files.dir.mkdir(parents=True)
+            assert site.base.disk is not None
+            qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                     str(site.base.disk), str(files.overlay))
+            proc = subprocess.Popen(
+                ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                 "-drive", f"file={files.overlay},if=none,id=disk0,format=qcow2",
+                 "-chardev", f"socket,id=qmp-tools,path={files.tools_qmp_socket},server=on,"
+                             "wait=off", "-mon", "chardev=qmp-tools,mode=control"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            made.append(Vm(files, proc))
+            wait_for("QEMU's monitor", files.tools_qmp_socket.exists, 10)
+        yield made
+    finally:
+        for vm in made:
+            vm.proc.terminate()
+            vm.proc.wait(10)
+
+
+def test_a_layered_save_holds_only_what_the_vm_changed(site: Site, vms: list[Vm]) -> None:
+    vm = vms[0]
+    vm.write(16 << 20, 8 << 20, 0xAB)
+    lines: list[str] = []
+    saved = save_vm(site.request(vm), vm.files, lines.append)
+    assert saved.info.revision == site.base.info.revision + 1
+    assert saved.info.parent == site.base.info.revision and saved.info.made_by == "tester"
+    assert vm.same_as(saved)
+    assert saved.disk is not None
+    info = json.loads(qemu_img("info", "-U", "--output=json", str(saved.disk)))
+    assert info["full-backing-filename"] == str(site.base.disk)
+    used = saved.disk.stat().st_blocks * 512
+    assert used <= 1.1 * (8 << 20) + (1 << 20), used
+    assert saved.kernel == site.base.kernel  # shared with the revision it is a layer over
+    assert any("warning" not in line and "saved as base@1" in line for line in lines), lines
+    assert vm.proc.poll() is None
+
+
+def test_a_full_save_into_another_repository_stands_alone(site: Site, vms: list[Vm]) -> None:
+    vm = vms[0]
+    saved = save_vm(site.request(vm, dest=site.user, name="mine", full=True), vm.files,
+                    lambda _: None)
+    assert (saved.repo, saved.info.name, saved.info.revision, saved.info.parent) == (
+        site.user.root, "mine", 0, None)
+    assert vm.same_as(saved)
+    assert saved.disk is not None
+    info = json.loads(qemu_img("info", "--output=json", str(saved.disk)))
+    assert "backing-filename" not in info
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    assert saved.kernel is not None and saved.kernel.parent == saved.path
+    assert saved.kernel.read_bytes() == b"kernel"
+
+
+def test_two_concurrent_saves_into_one_image_get_two_revisions(site: Site,
+                                                               vms: list[Vm]) -> None:
+    vms[1].write(0, 2 << 20, 0x11)
+    before = set(site.site.revisions("base"))
+    procs = [subprocess.Popen(site.save_argv(vm), env=site.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for vm in vms]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    refs = [out.split()[0] for out, _ in outs]
+    assert len(set(refs)) == 2, refs
+    assert set(site.site.revisions("base")) - before == {int(r.split("@")[1]) for r in refs}
+    for vm, ref in zip(vms, refs, strict=True):
+        image = site.site.get("base", int(ref.split("@")[1]))
+        assert image is not None and vm.same_as(image)
+
+
+def test_a_save_killed_at_any_moment_leaves_no_partial_revision(site: Site,
+                                                                vms: list[Vm]) -> None:
+    vm = vms[0]
+    vm.write(32 << 20, 96 << 20, 0x5A)  # enough to copy that a kill lands mid-copy
+    started = time.monotonic()
+    done = subprocess.run(site.save_argv(vm), env=site.env, capture_output=True, text=True,
+                          check=False)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    rng = random.Random(20261201)
+    for _ in range(20):
+        proc = subprocess.Popen(site.save_argv(vm), env=site.env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0, took))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert vm.proc.poll() is None, "QEMU died with the save"
+        for rev in site.site.revisions("base"):
+            image = site.site.get("base", rev)
+            assert image is not None and image.disk is not None
+            check = subprocess.run(["qemu-img", "check", "-U", str(image.disk)],
+                                   capture_output=True, text=True, check=False)
+            assert check.returncode == 0, (rev, check.stdout, check.stderr)
+        assert all(n.isdigit() or n.startswith(".") for n in
+                   (p.name for p in (site.site.root / "base").iterdir())), "a visible partial"
+    saved = save_vm(site.request(vm), vm.files, lambda _: None)
+    assert vm.same_as(saved)
+    # the next save swept what the killed ones staged
+    assert [p.name for p in site.site.root.iterdir() if p.name.startswith(".")] == []
+    print(f"a save of 96 MiB took {took:.2f} s; 20 kills within it")

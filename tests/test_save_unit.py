@@ -1,0 +1,112 @@
+"""The pure parts of save and of repositories: names, layers, destinations, locks, sweeping."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+from pathlib import Path
+
+import pytest
+
+from tests.support_vm import disk_boot, vm_plan
+from vcluster.cli.save import _destination
+from vcluster.config.templates import ImageRef
+from vcluster.errors import ImageError, InputError
+from vcluster.hostpaths import VmFiles
+from vcluster.images.repo import Image, ImageInfo, Repository, resolve_image, split_repository
+from vcluster.vm.save import SaveRequest, chain_depth, freeze_marker, thaw_if_abandoned
+
+
+def revision(repo: Repository, name: str, parent: int | None = None) -> Image:
+    with repo.staging(name) as staging:
+        (staging / "disk.qcow2").write_bytes(b"")
+        return repo.commit(staging, ImageInfo(name=name, kind="disk", parent=parent,
+                                              files={"disk": "disk.qcow2"}))
+
+
+@pytest.fixture
+def repos(tmp_path: Path) -> tuple[Repository, Repository]:
+    user, site = Repository(tmp_path / "user"), Repository(tmp_path / "site")
+    revision(site, "debian")
+    revision(user, "debian")
+    revision(user, "mine")
+    return user, site
+
+
+def test_a_repository_prefix_looks_in_that_repository_alone(
+        repos: tuple[Repository, Repository]) -> None:
+    user, site = repos
+    roots = [user.root, site.root]
+    assert resolve_image("debian", roots).repo == user.root  # the user's first
+    assert resolve_image("site:debian", roots).repo == site.root
+    assert resolve_image("user:mine@0", roots).repo == user.root
+    with pytest.raises(ImageError, match="'mine' not found"):
+        resolve_image("site:mine", roots)
+    with pytest.raises(InputError, match="unknown repository 'nope'"):
+        split_repository("nope:debian")
+    assert split_repository("mine@2") == (None, "mine@2")
+
+
+def test_templates_name_images_with_a_repository() -> None:
+    assert str(ImageRef(name="mine", revision=2, repo="user")) == "user:mine@2"
+    assert str(ImageRef(name="debian")) == "debian"
+
+
+def test_a_save_is_a_layer_of_the_same_image_unless_full_or_too_deep(
+        repos: tuple[Repository, Repository]) -> None:
+    user, site = repos
+    head = user.get("debian")
+    assert head is not None
+    for _ in range(3):
+        head = revision(user, "debian", parent=head.info.revision)
+    assert chain_depth(head) == 4
+    request = SaveRequest("1", 0, head, user, "debian", False, True, "me", max_depth=16)
+    assert request.layered
+    assert not dataclasses.replace(request, full=True).layered
+    assert not dataclasses.replace(request, max_depth=4).layered  # would be 5 deep: flattened
+    assert not dataclasses.replace(request, name="other").layered
+    assert not dataclasses.replace(request, dest=site).layered
+
+
+def test_where_a_save_goes(tmp_path: Path) -> None:
+    disk = tmp_path / "site" / "debian" / "2" / "disk.qcow2"
+    vm = vm_plan(0, dataclasses.replace(disk_boot(), disk=disk, repository=tmp_path / "site",
+                                        image="debian@2"))
+    named = {"user": tmp_path / "user", "site": tmp_path / "site"}
+    assert _destination(None, vm, named, "5") == (tmp_path / "site", "debian", False)
+    assert _destination("mine", vm, named, "5") == (tmp_path / "user", "mine", True)
+    assert _destination("site:ci", vm, named, "5") == (tmp_path / "site", "ci", True)
+    for bad, problem in (("a/b", "'a/b' is not an image name"), ("..", "'..' is not"),
+                         ("my image", "'my image' is not"), ("x:y", "unknown repository 'x'")):
+        with pytest.raises(InputError, match=problem):
+            _destination(bad, vm, named, "5")
+    from_file = vm_plan(0, dataclasses.replace(disk_boot(), disk=disk, repository=None))
+    with pytest.raises(InputError, match="not from an image repository: save it as an image "
+                                         "with -d user:NAME"):
+        _destination(None, from_file, named, "5")
+
+
+def test_the_runner_thaws_only_a_guest_whose_save_died(tmp_path: Path) -> None:
+    files = VmFiles(tmp_path)
+    assert not thaw_if_abandoned(files)  # nothing frozen
+    freeze_marker(files).touch()
+    with open(files.save_lock, "a") as held:  # a save that is alive holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert not thaw_if_abandoned(files)
+        assert freeze_marker(files).exists()
+    # its save died: thawed (here there is no guest agent to ask: a warning) and forgotten
+    assert thaw_if_abandoned(files)
+    assert not freeze_marker(files).exists()
+
+
+def test_sweeping_removes_only_dead_staging_directories(tmp_path: Path) -> None:
+    repo = Repository(tmp_path / "repo")
+    with repo.staging("live") as live:
+        dead = tmp_path / "repo" / ".build-dead-x"
+        dead.mkdir()
+        (dead / ".lock").write_text("")  # nobody holds it
+        half = tmp_path / "repo" / ".build-half-y"
+        half.mkdir()  # killed before its lock file was made
+        assert sorted(p.name for p in repo.sweep()) == [".build-dead-x", ".build-half-y"]
+        assert live.exists()
+    assert not live.exists()

@@ -1,0 +1,123 @@
+"""``vcluster save``: a running VM's disk kept as a new image revision."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from vcluster.cli.clusters import cluster_options
+
+if TYPE_CHECKING:
+    from vcluster.cluster import VmPlan
+
+HELP = """Save VM's root disk as a new image revision, while the VM runs.
+
+By default the revision is a new one of the image the VM was started from,
+holding only what the VM changed (a qcow2 layer over that revision);
+-d [REPO:]NAME saves into image NAME instead (REPO: user, the default, or
+site), as a standalone revision, as is --full (flattened and compressed).
+A chain of more than --max-depth layers is flattened too.
+
+The guest's file systems are frozen through its guest agent for the moment
+the copy starts (without a guest agent, or with --no-freeze, the save is
+crash-consistent, and a warning says so); the VM keeps running. A revision
+appears whole or not at all; two saves into one image get two revisions.
+
+\b
+Examples:
+  vcluster save vm0
+  vcluster save -j 12 -d user:mine vm1
+  vcluster save --full -d site:debian-ci vm0     # with write access to the site's
+"""
+
+
+def _destination(text: str | None, vm: VmPlan, repos: dict[str, Path],
+                 job: str) -> tuple[Path, str, bool]:
+    """(repository, image name, whether -d named it) for a save of ``vm``."""
+    from vcluster.config.templates import NAME_RE
+    from vcluster.errors import InputError
+    from vcluster.images.repo import REPOSITORIES
+
+    boot = vm.boot
+    if text is None:
+        if boot.repository is None or boot.disk is None:
+            raise InputError(f"{vm.name} of job {job} was started from the file {boot.image}, "
+                             "not from an image repository: save it as an image with "
+                             "-d user:NAME")
+        return boot.repository, boot.disk.parent.parent.name, False
+    repo, colon, name = text.rpartition(":")
+    expected = (f"-d [REPO:]NAME, REPO one of {', '.join(REPOSITORIES)} and NAME of letters, "
+                "digits, '.', '-' and '_', such as -d user:mine")
+    if colon and repo not in REPOSITORIES:
+        raise InputError(f"-d {text}: unknown repository {repo!r} (expected {expected})")
+    if not NAME_RE.match(name) or name in (".", ".."):
+        raise InputError(f"-d {text}: {name!r} is not an image name (expected {expected})")
+    return repos[repo or "user"], name, True
+
+
+def _writable(root: Path) -> bool:
+    """Whether we may add revisions to the repository (made if it is missing and ours)."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK | os.X_OK)
+
+
+@click.command(help=HELP)
+@cluster_options
+@click.option("-d", "--dest", default=None, metavar="[REPO:]NAME",
+              help="Save into image NAME of repository REPO (user or site; default user) "
+                   "instead of a new revision of the VM's own image.")
+@click.option("--full", is_flag=True,
+              help="A standalone revision: the whole disk, flattened and compressed.")
+@click.option("--no-freeze", is_flag=True,
+              help="Do not freeze the guest's file systems (a crash-consistent save).")
+@click.option("--max-depth", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Flatten the revision rather than make a chain deeper than this.")
+@click.argument("vm")
+@click.pass_context
+def save(ctx: click.Context, jobid: str | None, jobname: str | None, dest: str | None,
+         full: bool, no_freeze: bool, max_depth: int, vm: str) -> None:
+    from vcluster.cli.clusters import pick_cluster, vm_index, with_store
+    from vcluster.cli.common import load_config
+    from vcluster.cluster import named_repositories
+    from vcluster.errors import InputError, VclusterError
+    from vcluster.launch.overlap import overlap_argv, overlap_env
+    from vcluster.lifecycle import VmState
+    from vcluster.run import spawn
+
+    store, keys, user = with_store(ctx)
+    cluster = pick_cluster(store, keys, user, jobid, jobname)
+    job = cluster.spec.job
+    index = vm_index(vm, cluster)
+    plan = cluster.spec.plan.vms[index]
+    if plan.boot.kind != "disk" or plan.boot.disk is None:
+        raise InputError(f"{plan.name} of job {job} boots {plan.boot.image}, a kernel and "
+                         "initramfs image: it has no disk to save (save works for disk "
+                         "images, such as debian)")
+    repos = named_repositories(load_config())
+    root, name, named = _destination(dest, plan, repos, job)
+    if not _writable(root):
+        which = next((r for r, p in repos.items() if p == root), str(root))
+        if named:
+            raise InputError(f"-d {dest}: you cannot write the {which} repository {root} "
+                             "(expected a repository of yours, such as -d user:NAME)")
+        raise InputError(f"{plan.name}'s image {plan.boot.image} is in the {which} repository "
+                         f"{root}, which you cannot write: save it as an image of your own "
+                         "with -d user:NAME")
+    record = cluster.vms.get(index)
+    if record is None or record.host is None or record.state not in (VmState.BOOTING,
+                                                                      VmState.READY):
+        state = record.state.value if record else "unknown"
+        raise VclusterError(f"{plan.name} of job {job} is not running (state: {state})")
+    root.mkdir(parents=True, exist_ok=True)
+    argv = [*overlap_argv(job, record.host), sys.executable, "-m", "vcluster", "internal",
+            "save", "--job", job, f"--vm={index}", f"--source={plan.boot.disk.parent}",
+            f"--dest={root}", f"--name={name}", f"--max-depth={max_depth}",
+            *(["--full"] if full or named else []), *(["--no-freeze"] if no_freeze else [])]
+    raise SystemExit(spawn(argv, stdin=None, stdout=None, stderr=None,
+                           env=overlap_env()).wait())
