@@ -79,7 +79,7 @@ class Site:
 
     @property
     def user(self) -> Repository:
-        return Repository(self.root / "user")
+        return Repository(self.root / "home" / "images")  # $VCLUSTER_HOME/images
 
     @property
     def site(self) -> Repository:
@@ -224,3 +224,90 @@ def test_a_save_killed_at_any_moment_leaves_no_partial_revision(site: Site,
     # the next save swept what the killed ones staged
     assert [p.name for p in site.site.root.iterdir() if p.name.startswith(".")] == []
     print(f"a save of 96 MiB took {took:.2f} s; 20 kills within it")
+
+
+# -- the image commands, on the same repositories -------------------------------------
+
+def image_cli(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vcluster", "image", *args],
+                          env={**site.env, "VCLUSTER_HOME": str(site.root / "home")},
+                          capture_output=True, text=True, check=False, timeout=300)
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_import_then_export_round_trips_the_content(site: Site, tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(3 << 20) + bytes(5 << 20))
+    made = image_cli(site, "import", "-t", "raw", str(raw), "user:imported")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("imported@0 ")
+    out = tmp_path / "back.raw"
+    done = image_cli(site, "export", "-t", "raw", "user:imported", str(out))
+    assert done.returncode == 0, done.stderr
+    assert sha256(out) == sha256(raw)
+    listing = image_cli(site, "list", "-R", "user", "^imp")
+    assert listing.stdout.splitlines()[1].split()[:2] == ["user:imported@0", "disk"]
+
+
+def test_copy_and_resize_make_new_revisions(site: Site, tmp_path: Path) -> None:
+    copied = image_cli(site, "copy", "site:base@0", "user:copied")
+    assert copied.returncode == 0, copied.stderr
+    grown = image_cli(site, "resize", "user:copied", "512M")
+    assert grown.returncode == 0, grown.stderr
+    ref, path = grown.stdout.split()
+    assert ref == "copied@1"
+    info = json.loads(qemu_img("info", "--output=json", f"{path}/disk.qcow2"))
+    assert info["virtual-size"] == 512 << 20
+    assert json.loads((Path(path) / "image.json").read_text())["parent"] == 0
+    shrink = image_cli(site, "resize", "user:copied", "1M")
+    assert shrink.returncode == 2 and "a disk only grows" in shrink.stderr
+
+
+def test_delete_refuses_a_base_of_another_revision_or_one_in_use(site: Site,
+                                                                 vms: list[Vm]) -> None:
+    assert (site.user.root / "copied" / "1").is_dir()
+    refused = image_cli(site, "delete", "user:copied@0")
+    assert refused.returncode == 2, refused.stderr
+    assert "image copied@0 is the base of copied@1: delete those first" in refused.stderr
+    # base@0 backs the running QEMUs' disks (and the saved layers too)
+    refused = image_cli(site, "delete", "site:base@0")
+    assert refused.returncode == 2 and "is the base of" in refused.stderr, refused.stderr
+    gone = image_cli(site, "delete", "user:copied")  # newest first: @1, then @0
+    assert gone.returncode == 0, gone.stderr
+    assert gone.stdout.splitlines() == ["deleted copied@1", "deleted copied@0"]
+    assert not (site.user.root / "copied").exists()
+    missing = image_cli(site, "delete", "user:copied@7")
+    assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1
+
+
+def test_a_revision_a_qemu_uses_is_not_deleted(site: Site, vms: list[Vm]) -> None:
+    from vcluster.images.manage import in_use_here
+
+    assert in_use_here(site.base)  # the VMs' overlays are over it
+    made = image_cli(site, "import", str(site.user.root / "imported" / "0" / "disk.qcow2"),
+                     "user:idle")
+    assert made.returncode == 0, made.stderr
+    idle = Repository(site.user.root).get("idle")
+    assert idle is not None and not in_use_here(idle)
+
+
+def test_gc_removes_only_what_nothing_references(site: Site) -> None:
+    repo = site.user.root
+    revision = repo / "imported" / "0"
+    (revision / "stray.tmp").write_text("left over")
+    (repo / ".build-dead-1").mkdir()
+    (repo / ".delete-old-2").mkdir()
+    (repo / "empty").mkdir()
+    before = {p: sha256(p) for p in repo.rglob("*") if p.is_file() and p.name != "stray.tmp"
+              and ".build-" not in str(p) and ".delete-" not in str(p)}
+    done = image_cli(site, "gc", "-R", "user")
+    assert done.returncode == 0, done.stderr
+    removed = {line.removeprefix("removed ") for line in done.stdout.splitlines()}
+    assert removed == {str(revision / "stray.tmp"), str(repo / ".build-dead-1"),
+                       str(repo / ".delete-old-2"), str(repo / "empty")}
+    assert {p: sha256(p) for p in before} == before

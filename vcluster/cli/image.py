@@ -1,13 +1,18 @@
-"""``vcluster image``: build images from recipes and list image repositories."""
+"""``vcluster image``: build, list, show, import, export, copy, resize, delete, gc."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from vcluster.config.paths import system_dir, user_dir
+
+if TYPE_CHECKING:
+    from vcluster.images.repo import Image, Repository
 
 
 def default_repo() -> Path:
@@ -30,7 +35,12 @@ repo_option = click.option(
 
 @click.group()
 def image() -> None:
-    """Build and list VM images."""
+    """Build, list, show, import, export, copy, resize, delete VM images; gc repositories.
+
+    Images are named [REPO:]NAME[@REVISION]: REPO is user (~/.vcluster/images)
+    or site (directories.images of batch.yaml); without it the user's is
+    looked in first. Every new revision appears whole or not at all.
+    """
 
 
 @image.command()
@@ -163,3 +173,179 @@ def show(ref: str) -> None:
         for role in sorted(info.files):
             path = img.file(role)
             click.echo(f"  {role + ':':<9} {path} ({_size(path)})")
+
+
+def _find(ref: str, what: str = "IMAGE") -> Image:
+    """``[REPO:]NAME[@REVISION]`` in the user's repository, then the site's."""
+    from vcluster.cli.common import load_config
+    from vcluster.cluster import image_repositories
+    from vcluster.errors import ImageError, InputError
+    from vcluster.images.repo import resolve_image
+
+    try:
+        return resolve_image(ref, image_repositories(load_config()))
+    except ImageError as e:
+        raise InputError(f"{what} {ref}: {e}") from e
+
+
+def _target(text: str, what: str) -> tuple[Repository, str]:
+    """``[REPO:]NAME`` to make a revision in (REPO: user by default), writable by us."""
+    from vcluster.cli.common import load_config
+    from vcluster.cluster import named_repositories
+    from vcluster.errors import InputError
+    from vcluster.images.repo import Repository, split_destination
+
+    repo, name = split_destination(text, f"{what} {text}")
+    root = named_repositories(load_config())[repo or "user"]
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {text}: you cannot write the {repo or 'user'} repository "
+                         f"{root} (expected a repository of yours, such as user:{name})")
+    return Repository(root), name
+
+
+def _me() -> str:
+    from vcluster.identity import user_name
+
+    return user_name()
+
+
+@image.command("import")
+@click.option("-t", "--format", "fmt", default=None, metavar="FORMAT",
+              help="The file's format (default: what qemu-img finds: qcow2, raw, vmdk, ...).")
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="The kernel to boot it with (else the template says).")
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Its initrd.")
+@click.option("--append", default="", help="Its kernel command line.")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("name", metavar="[REPO:]NAME")
+def import_image(fmt: str | None, kernel: Path | None, initrd: Path | None, append: str,
+                 file: Path, name: str) -> None:
+    """Import a disk FILE as a new revision of image NAME (compressed qcow2)."""
+    from vcluster.images.manage import import_disk
+
+    repo, image_name = _target(name, "NAME")
+    made = import_disk(repo, image_name, file, fmt=fmt, kernel=kernel, initrd=initrd,
+                       append=append, made_by=_me(), progress=sys.stderr.isatty())
+    click.echo(f"{made.ref} {made.path}")
+
+
+@image.command("export")
+@click.option("-t", "--format", "fmt", default="qcow2", show_default=True, metavar="FORMAT",
+              help="The file's format: qcow2, raw, vmdk, vdi, vhdx or qed.")
+@click.argument("ref", metavar="IMAGE")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def export_image(fmt: str, ref: str, file: Path) -> None:
+    """Write IMAGE's disk to FILE, flattened (no backing file)."""
+    from vcluster.images.manage import export_disk
+
+    export_disk(_find(ref), file, fmt, progress=sys.stderr.isatty())
+
+
+@image.command("copy")
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="[REPO:]NAME")
+def copy(src: str, dst: str) -> None:
+    """Copy image SRC (a revision) as a standalone new revision of DST."""
+    from vcluster.images.manage import copy_image
+
+    repo, name = _target(dst, "DST")
+    made = copy_image(_find(src, "SRC"), repo, name, made_by=_me(),
+                      progress=sys.stderr.isatty())
+    click.echo(f"{made.ref} {made.path}")
+
+
+@image.command("resize")
+@click.argument("ref", metavar="IMAGE")
+@click.argument("size")
+def resize(ref: str, size: str) -> None:
+    """A new revision of IMAGE whose disk is SIZE (such as 20G): a layer over it.
+
+    The guest's file system is grown at boot by cloud-init (growpart), not here.
+    """
+    from vcluster.errors import InputError
+    from vcluster.images.manage import resize_image
+    from vcluster.schema.fields import parse_size
+
+    found = _find(ref)
+    _target(f"{_repo_label(found)}:{found.info.name}", "IMAGE")  # must be ours to write
+    parsed = parse_size(size)
+    if parsed is None:
+        raise InputError(f"SIZE {size!r}: not a size (expected such as 20G or 512M)")
+    made = resize_image(found, parsed, made_by=_me())
+    click.echo(f"{made.ref} {made.path}")
+
+
+def _repo_label(found: Image) -> str:
+    from vcluster.cli.common import load_config
+    from vcluster.cluster import named_repositories
+
+    return next((n for n, p in named_repositories(load_config()).items() if p == found.repo),
+                "user")
+
+
+@image.command("delete")
+@click.argument("ref", metavar="IMAGE")
+@click.pass_context
+def delete(ctx: click.Context, ref: str) -> None:
+    """Delete a revision (NAME@REVISION), or every revision of NAME, newest first.
+
+    Refused for a revision another one is a layer over, or that a running VM
+    of yours (or any QEMU of this host) uses, saying which.
+    """
+    from vcluster.errors import InputError
+    from vcluster.images.manage import delete_revision
+    from vcluster.images.repo import Repository, parse_ref, split_repository
+
+    found = _find(ref)
+    _target(f"{_repo_label(found)}:{found.info.name}", "IMAGE")
+    _, revision = parse_ref(split_repository(ref)[1])
+    repo = Repository(found.repo)
+    revisions = [found.info.revision] if revision is not None else list(
+        reversed(repo.revisions(found.info.name)))
+    used = _running_vms(ctx)
+    for rev in revisions:
+        image_rev = repo.get(found.info.name, rev)
+        if image_rev is None:
+            raise InputError(f"IMAGE {ref}: revision {rev} went away")
+        delete_revision(image_rev, lambda i: [who for disk, who in used
+                                              if i.disk is not None and disk == i.disk])
+        click.echo(f"deleted {image_rev.ref}")
+
+
+def _running_vms(ctx: click.Context) -> list[tuple[Path, str]]:
+    """(base disk, "vmN of job J") of your running clusters; none if the store is away."""
+    import logging
+
+    from vcluster.errors import VclusterError
+
+    try:
+        from vcluster.cli.clusters import read_clusters, with_store
+
+        store, keys, user = with_store(ctx)
+        return [(vm.boot.disk, f"{vm.name} of job {c.spec.job}")
+                for c in read_clusters(store, keys, user) for vm in c.spec.plan.vms
+                if vm.boot.disk is not None]
+    except VclusterError as e:
+        logging.getLogger("vcluster").warning("cannot see your running clusters: %s", e)
+        return []
+
+
+@image.command("gc")
+@click.option("-R", "--repository", "named", default="user", show_default=True,
+              metavar="REPO", help="The repository: user or site.")
+@repo_option
+def gc_command(named: str, repo: Path | None) -> None:
+    """Remove what nothing references: what killed builds and saves staged, files no
+    revision names, empty image directories."""
+    from vcluster.images.manage import gc
+    from vcluster.images.repo import Repository
+
+    for label, root in _repositories(named, repo):
+        removed = gc(Repository(root))
+        for path in removed:
+            click.echo(f"removed {path}")
+        click.echo(f"{label or root}: {len(removed)} removed", err=True)

@@ -38,9 +38,8 @@ Examples:
 def _destination(text: str | None, vm: VmPlan, repos: dict[str, Path],
                  job: str) -> tuple[Path, str, bool]:
     """(repository, image name, whether -d named it) for a save of ``vm``."""
-    from vcluster.config.templates import NAME_RE
     from vcluster.errors import InputError
-    from vcluster.images.repo import REPOSITORIES
+    from vcluster.images.repo import split_destination
 
     boot = vm.boot
     if text is None:
@@ -49,13 +48,7 @@ def _destination(text: str | None, vm: VmPlan, repos: dict[str, Path],
                              "not from an image repository: save it as an image with "
                              "-d user:NAME")
         return boot.repository, boot.disk.parent.parent.name, False
-    repo, colon, name = text.rpartition(":")
-    expected = (f"-d [REPO:]NAME, REPO one of {', '.join(REPOSITORIES)} and NAME of letters, "
-                "digits, '.', '-' and '_', such as -d user:mine")
-    if colon and repo not in REPOSITORIES:
-        raise InputError(f"-d {text}: unknown repository {repo!r} (expected {expected})")
-    if not NAME_RE.match(name) or name in (".", ".."):
-        raise InputError(f"-d {text}: {name!r} is not an image name (expected {expected})")
+    repo, name = split_destination(text, f"-d {text}")
     return repos[repo or "user"], name, True
 
 

@@ -141,6 +141,21 @@ def split_repository(ref: str) -> tuple[str | None, str]:
     return repo, rest
 
 
+def split_destination(text: str, what: str) -> tuple[str | None, str]:
+    """``[REPO:]NAME`` for a new image or revision -> (repository name or None, NAME);
+    InputError starting with ``what`` (the argument) if it is not one."""
+    from vcluster.config.templates import NAME_RE
+
+    repo, colon, name = text.rpartition(":")
+    expected = (f"[REPO:]NAME, REPO one of {', '.join(REPOSITORIES)} and NAME of letters, "
+                "digits, '.', '-' and '_', such as user:mine")
+    if colon and repo not in REPOSITORIES:
+        raise InputError(f"{what}: unknown repository {repo!r} (expected {expected})")
+    if not NAME_RE.match(name) or name in (".", ".."):
+        raise InputError(f"{what}: {name!r} is not an image name (expected {expected})")
+    return (repo or None), name
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """``debian`` -> (debian, None); ``debian@3`` -> (debian, 3)."""
     name, sep, rev = ref.partition("@")

@@ -1,0 +1,253 @@
+"""``vcluster save`` in the sandbox, as a real user, with debian guests: what is saved is there.
+
+Three clusters, one after the other (each ends before the next starts, so a
+revision is read by a cluster that did not write it):
+
+A. ``debian:2,tiny`` from the site's debian: vm0 writes a 50 MB file and
+   saves itself as ``user:mine``; vm0 and vm1 save into ``mine`` at once;
+   the bad inputs are refused; a save is cut short by killing its VM's runner.
+B. ``mine@0``: boots, has the file; vm0 writes a second one and ``vcluster
+   save vm0`` adds a layer to ``mine``.
+C. that new revision: both files, with their checksums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.waiting import wait_for
+from tests.support_agent import JobTool
+from tests.support_alloc import (
+    BackgroundAlloc,
+    Shared,
+    background_alloc,
+    module_users,
+    nothing_left_anywhere,
+    runner_pid,
+    shared_dir,
+    tool,
+    touch,
+    wait_flag,
+)
+from tests.support_images import require_image
+from tests.support_sandbox import Sandbox, sandbox
+
+__all__ = ["sandbox", "tool"]
+
+pytestmark = [pytest.mark.slurm, pytest.mark.qemu, pytest.mark.images]
+
+ALICE = "vcsv-alice"
+users = module_users(ALICE)
+WRITE_50MB = ("dd if=/dev/urandom of={path} bs=1M count=50 status=none && sync && "
+              "sha256sum {path}")
+SAVED = re.compile(r"^(\S+@\d+) (/\S+)$", re.MULTILINE)
+
+
+@dataclass
+class Running:
+    """A cluster of ALICE's, kept up until ``end``."""
+
+    box: Sandbox
+    shared: Shared
+    alloc: BackgroundAlloc
+    job: str
+    flag: str
+
+    def vcluster(self, *args: str, timeout: float = 600) -> tuple[int, str, str]:
+        proc = self.box.run(["env", f"VCLUSTER_HOME={self.shared.home}", "vcluster", *args],
+                            user=ALICE, check=False, timeout=timeout)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def sh(self, vm: str, command: str) -> str:
+        status, out, err = self.vcluster("exec", "-j", self.job, vm, "--", "sh", "-c", command)
+        assert status == 0, err
+        return out.strip()
+
+    def save(self, *args: str) -> str:
+        """``vcluster save ARGS``: the revision it made (IMAGE@REV)."""
+        status, out, err = self.vcluster("save", "-j", self.job, *args)
+        assert status == 0, err
+        match = SAVED.search(out)
+        assert match, out
+        return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def shared(users: None) -> Iterator[Shared]:
+    require_image("debian")
+    require_image("tiny")
+    with shared_dir("", {}) as made:
+        repo = made.home / "images"
+        repo.mkdir()
+        os.chown(repo, _uid(ALICE), -1)
+        yield made
+
+
+def _uid(name: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid
+
+
+def user_repo(shared: Shared) -> Path:
+    return shared.home / "images"
+
+
+@contextlib.contextmanager
+def cluster(box: Sandbox, shared: Shared, tool: JobTool, flag: str,
+            *args: str) -> Iterator[Running]:
+    with background_alloc(box, ALICE, shared.home, "-E", wait_flag(shared, flag),
+                          *args) as running:
+        job = running.wait_ready(timeout=420)
+        yield Running(box, shared, running, job, flag)
+        touch(shared.flags / flag)
+        assert running.finish(180) == 0, running.output
+    nothing_left_anywhere(box, tool, job, ALICE)
+
+
+def revisions_are_whole(repo: Path, name: str) -> list[int]:
+    """Every revision of ``name`` is listed whole and passes qemu-img check; their numbers."""
+    found = []
+    for entry in sorted((repo / name).iterdir()):
+        assert entry.name.isdigit(), f"a partial revision is visible: {entry}"
+        info = json.loads((entry / "image.json").read_text())
+        check = subprocess.run(["qemu-img", "check", "-U", str(entry / info["files"]["disk"])],
+                               capture_output=True, text=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+        found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def saved_from_site(sandbox: Sandbox, shared: Shared, tool: JobTool) -> Iterator[dict[str, str]]:
+    """Cluster A; what it saved: the checksum line of the first file, and the revisions."""
+    out: dict[str, str] = {}
+    with cluster(sandbox, shared, tool, "a-done", "-N2", "-c", "1", "debian:2,tiny") as a:
+        out["first"] = a.sh("vm0", WRITE_50MB.format(path="/var/tmp/first.bin"))
+        out["mine0"] = a.save("-d", "user:mine", "vm0")
+        # two VMs saving into one image at once
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "vcluster", "sandbox", "run", "--dir", str(sandbox.directory),
+             "--user", ALICE,
+             "--", "env", f"VCLUSTER_HOME={shared.home}", "vcluster", "save", "-j", a.job,
+             "-d", "user:mine", vm], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for vm in ("vm0", "vm1")]
+        results = [p.communicate(timeout=600) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], results
+        out["concurrent"] = " ".join(m.group(1) for o, _ in results
+                                     if (m := SAVED.search(o)))
+        out["bad"] = json.dumps(bad_inputs(a))
+        out["killed"] = kill_runner_mid_save(a)
+    yield out
+
+
+def bad_inputs(a: Running) -> dict[str, tuple[int, str]]:
+    before = sorted(p.name for p in user_repo(a.shared).rglob("*"))
+    results = {}
+    for args in (["vm7"], ["vm2"], ["vm0"], ["-d", "site:x", "vm0"], ["-d", "a/b", "vm0"],
+                 ["-d", "my image", "vm0"]):
+        status, _, err = a.vcluster("save", "-j", a.job, *args)
+        results[" ".join(args)] = (status, err.strip())
+    assert sorted(p.name for p in user_repo(a.shared).rglob("*")) == before, "bad input wrote"
+    return results
+
+
+def kill_runner_mid_save(a: Running) -> str:
+    """A save of vm1 whose runner is killed during the copy: what the save said."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vcluster", "sandbox", "run", "--dir", str(a.box.directory),
+         "--user", ALICE, "--",
+         "env", f"VCLUSTER_HOME={a.shared.home}", "vcluster", "save", "-j", a.job, "--full",
+         "-d", "user:mine", "vm1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    repo = user_repo(a.shared)
+    wait_for("the save to stage its copy", lambda: any(repo.glob(".build-mine-*/disk.qcow2"))
+             or proc.poll() is not None, 120)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(runner_pid(a.job, 1), signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, (out, err)
+    return err
+
+
+def test_a_save_into_a_new_image_of_the_user_is_listed(
+        sandbox: Sandbox, shared: Shared, saved_from_site: dict[str, str]) -> None:
+    assert saved_from_site["mine0"] == "mine@0"
+    proc = sandbox.run(["env", f"VCLUSTER_HOME={shared.home}", "vcluster", "image", "list",
+                        "-R", "user"], user=ALICE)
+    assert re.search(r"^user:mine@0\s+disk\s+\S+\s+-\s+\S+\s+saved by " + ALICE, proc.stdout,
+                     re.MULTILINE), proc.stdout
+
+
+def test_two_concurrent_saves_into_one_image_make_two_valid_revisions(
+        shared: Shared, saved_from_site: dict[str, str]) -> None:
+    refs = saved_from_site["concurrent"].split()
+    assert len(refs) == 2 and len(set(refs)) == 2, refs
+    revisions = revisions_are_whole(user_repo(shared), "mine")
+    assert {int(r.split("@")[1]) for r in refs} <= set(revisions)
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(saved_from_site: dict[str, str]) -> None:
+    results = {k: tuple(v) for k, v in json.loads(saved_from_site["bad"]).items()}
+    expected = {
+        "vm7": "no such VM in job",
+        "vm2": "a kernel and initramfs image: it has no disk to save",
+        "vm0": "which you cannot write: save it as an image of your own with -d user:NAME",
+        "-d site:x vm0": "you cannot write the site repository",
+        "-d a/b vm0": "'a/b' is not an image name",
+        "-d my image vm0": "'my image' is not an image name",
+    }
+    for args, text in expected.items():
+        status, err = results[args]
+        assert status == 2 and len(err.splitlines()) == 1 and text in err, (args, err)
+
+
+def test_a_save_whose_runner_is_killed_leaves_no_partial_revision(
+        shared: Shared, saved_from_site: dict[str, str]) -> None:
+    assert "vcluster: error:" in saved_from_site["killed"], saved_from_site["killed"]
+    revisions_are_whole(user_repo(shared), "mine")
+
+
+@pytest.fixture(scope="module")
+def layered(sandbox: Sandbox, shared: Shared, tool: JobTool,
+            saved_from_site: dict[str, str]) -> dict[str, str]:
+    """Cluster B from mine@0: its view of the first file, a second file, its save."""
+    (shared.home / "templates.yaml").write_text("mine:\n  inherits: debian\n"
+                                                "  image: user:mine@0\n")
+    out: dict[str, str] = {}
+    with cluster(sandbox, shared, tool, "b-done", "-c", "1", "mine:1") as b:
+        out["first"] = b.sh("vm0", "sha256sum /var/tmp/first.bin")
+        out["second"] = b.sh("vm0", WRITE_50MB.format(path="/var/tmp/second.bin"))
+        out["saved"] = b.save("vm0")
+    return out
+
+
+def test_a_cluster_from_the_users_image_boots_with_what_was_saved(
+        saved_from_site: dict[str, str], layered: dict[str, str]) -> None:
+    assert layered["first"] == saved_from_site["first"]
+
+
+def test_save_adds_a_layer_that_a_new_cluster_boots_with_both_files(
+        sandbox: Sandbox, shared: Shared, tool: JobTool, saved_from_site: dict[str, str],
+        layered: dict[str, str]) -> None:
+    ref = layered["saved"]
+    name, rev = ref.split("@")
+    info = json.loads((user_repo(shared) / name / rev / "image.json").read_text())
+    assert (name, info["parent"], info["made_by"]) == ("mine", 0, ALICE)
+    layer = user_repo(shared) / name / rev / "disk.qcow2"
+    assert layer.stat().st_blocks * 512 < 200 << 20  # the change, not the whole disk
+    (shared.home / "templates.yaml").write_text(f"mine:\n  inherits: debian\n"
+                                                f"  image: user:{ref}\n")
+    with cluster(sandbox, shared, tool, "c-done", "-c", "1", "mine:1") as c:
+        assert c.sh("vm0", "sha256sum /var/tmp/first.bin") == saved_from_site["first"]
+        assert c.sh("vm0", "sha256sum /var/tmp/second.bin") == layered["second"]
