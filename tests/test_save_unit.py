@@ -110,3 +110,49 @@ def test_sweeping_removes_only_dead_staging_directories(tmp_path: Path) -> None:
         assert sorted(p.name for p in repo.sweep()) == [".build-dead-x", ".build-half-y"]
         assert live.exists()
     assert not live.exists()
+
+
+def test_a_vm_of_an_image_you_cannot_write_is_told_to_use_d(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal comes before anything is asked of the VM's host (here there is none)."""
+    from click.testing import CliRunner
+
+    from tests.support_vm import cluster_spec
+    from vcluster.cli.main import cli
+    from vcluster.identity import user_name
+    from vcluster.lifecycle import VmState
+    from vcluster.store.keys import Keys
+    from vcluster.store.memory import MemoryStore
+    from vcluster.store.records import VmRecord, to_json
+
+    site = tmp_path / "site"
+    disk = site / "debian" / "2" / "disk.qcow2"
+    boot = dataclasses.replace(disk_boot(), disk=disk, repository=site, image="debian@2")
+    keys, me, store = Keys("/vcluster"), user_name(), MemoryStore()
+    store.put(keys.cluster_spec(me, "12"), to_json(cluster_spec("12", [vm_plan(0, boot)],
+                                                                user=me)))
+    store.put(keys.vm(me, "12", 0), to_json(VmRecord(VmState.READY, host="h1")))
+    monkeypatch.setattr("vcluster.cli.clusters.with_store", lambda ctx: (store, keys, me))
+    monkeypatch.setattr("vcluster.cli.save._writable", lambda root: root != site)
+    result = CliRunner().invoke(cli, ["save", "-j", "12", "vm0"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"vcluster: error: vm0's image debian@2 is in the repository {site}, which you "
+        "cannot write: save it as an image of your own with -d user:NAME"]
+    result = CliRunner().invoke(cli, ["save", "-j", "12", "vm9"])
+    assert result.exit_code == 2 and "'vm9': no such VM in job 12" in result.output
+
+
+def test_the_depth_limit_is_site_configuration(tmp_path: Path) -> None:
+    from vcluster.config.batch import parse_batch
+    from vcluster.errors import ConfigError
+    from vcluster.schema.source import load_yaml
+
+    path = tmp_path / "batch.yaml"
+    path.write_text("images:\n  max-depth: 4\n")
+    assert parse_batch(load_yaml(path), path).images.max_depth == 4
+    path.write_text("images:\n  max-depth: 0\n")
+    with pytest.raises(ConfigError, match="max-depth"):
+        parse_batch(load_yaml(path), path)
+    path.write_text("qemu:\n  accel: tcg\n")
+    assert parse_batch(load_yaml(path), path).images.max_depth == 16

@@ -69,12 +69,13 @@ def _writable(root: Path) -> bool:
               help="A standalone revision: the whole disk, flattened and compressed.")
 @click.option("--no-freeze", is_flag=True,
               help="Do not freeze the guest's file systems (a crash-consistent save).")
-@click.option("--max-depth", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Flatten the revision rather than make a chain deeper than this.")
+@click.option("--max-depth", type=click.IntRange(min=1), default=None,
+              help="Flatten the revision rather than make a chain deeper than this (default: "
+                   "images.max-depth of batch.yaml, 16).")
 @click.argument("vm")
 @click.pass_context
 def save(ctx: click.Context, jobid: str | None, jobname: str | None, dest: str | None,
-         full: bool, no_freeze: bool, max_depth: int, vm: str) -> None:
+         full: bool, no_freeze: bool, max_depth: int | None, vm: str) -> None:
     from vcluster.cli.clusters import pick_cluster, vm_index, with_store
     from vcluster.cli.common import load_config
     from vcluster.cluster import named_repositories
@@ -92,16 +93,18 @@ def save(ctx: click.Context, jobid: str | None, jobname: str | None, dest: str |
         raise InputError(f"{plan.name} of job {job} boots {plan.boot.image}, a kernel and "
                          "initramfs image: it has no disk to save (save works for disk "
                          "images, such as debian)")
-    repos = named_repositories(load_config())
+    config = load_config()
+    repos = named_repositories(config)
+    max_depth = max_depth or config.batch.images.max_depth
     root, name, named = _destination(dest, plan, repos, job)
     if not _writable(root):
-        which = next((r for r, p in repos.items() if p == root), str(root))
+        which = next((f"the {r} repository" for r, p in repos.items() if p == root),
+                     "the repository")
         if named:
-            raise InputError(f"-d {dest}: you cannot write the {which} repository {root} "
-                             "(expected a repository of yours, such as -d user:NAME)")
-        raise InputError(f"{plan.name}'s image {plan.boot.image} is in the {which} repository "
-                         f"{root}, which you cannot write: save it as an image of your own "
-                         "with -d user:NAME")
+            raise InputError(f"-d {dest}: you cannot write {which} {root} (expected a "
+                             "repository of yours, such as -d user:NAME)")
+        raise InputError(f"{plan.name}'s image {plan.boot.image} is in {which} {root}, which "
+                         "you cannot write: save it as an image of your own with -d user:NAME")
     record = cluster.vms.get(index)
     if record is None or record.host is None or record.state not in (VmState.BOOTING,
                                                                       VmState.READY):

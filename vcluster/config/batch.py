@@ -61,11 +61,17 @@ class QemuConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    max_depth: int = 16  # a saved revision deeper than this many layers is flattened
+
+
+@dataclass(frozen=True)
 class BatchConfig:
     backend: str = "slurm"
     store: StoreConfig = field(default_factory=StoreConfig)
     directories: Directories = field(default_factory=Directories)
     qemu: QemuConfig = field(default_factory=QemuConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
 
 def _store(sec: Section, base: Path) -> StoreConfig:
@@ -127,5 +133,11 @@ def parse_batch(node: Node | None, path: Path) -> BatchConfig:
             accel=sec.choice("accel", ACCELERATORS, qemu.accel),
         )
         sec.done()
+    images = default.images
+    if (sec := top.section("images")) is not None:
+        depth = sec.integer("max-depth", images.max_depth, minimum=1)
+        assert depth is not None
+        images = ImagesConfig(max_depth=depth)
+        sec.done()
     top.done()
-    return BatchConfig(backend=backend, store=store, directories=dirs, qemu=qemu)
+    return BatchConfig(backend=backend, store=store, directories=dirs, qemu=qemu, images=images)
