@@ -12,6 +12,7 @@ revision, and what a killed save leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -46,6 +47,11 @@ def qemu_img(*args: str) -> str:
 class Vm:
     files: VmFiles
     proc: subprocess.Popen[bytes]
+    disk: Path = Path()  # its disk0 (default: its overlay)
+
+    def __post_init__(self) -> None:
+        if self.disk == Path():
+            self.disk = self.files.overlay
 
     def write(self, offset: int, length: int, pattern: int) -> None:
         """Write ``pattern`` bytes into the VM's disk through QEMU."""
@@ -62,7 +68,7 @@ class Vm:
 
     def same_as(self, image: Image) -> bool:
         assert image.disk is not None
-        done = subprocess.run(["qemu-img", "compare", "-U", str(self.files.overlay),
+        done = subprocess.run(["qemu-img", "compare", "-U", str(self.disk),
                                str(image.disk)], capture_output=True, text=True, check=False)
         return done.returncode == 0
 
@@ -159,7 +165,7 @@ def test_a_layered_save_holds_only_what_the_vm_changed(site: Site, vms: list[Vm]
     used = saved.disk.stat().st_blocks * 512
     assert used <= 1.1 * (8 << 20) + (1 << 20), used
     assert saved.kernel == site.base.kernel  # shared with the revision it is a layer over
-    assert any("warning" not in line and "saved as base@1" in line for line in lines), lines
+    assert any("warning" not in line and "as base@1" in line for line in lines), lines
     assert vm.proc.poll() is None
 
 
@@ -176,6 +182,24 @@ def test_a_full_save_into_another_repository_stands_alone(site: Site, vms: list[
     assert info["format-specific"]["data"]["compression-type"] == "zstd"
     assert saved.kernel is not None and saved.kernel.parent == saved.path
     assert saved.kernel.read_bytes() == b"kernel"
+
+
+def test_a_chain_deeper_than_the_limit_is_flattened(site: Site, vms: list[Vm]) -> None:
+    vm = vms[1]
+    vm.write(48 << 20, 1 << 20, 0x33)
+    request = dataclasses.replace(site.request(vm, name="chain"), dest=site.user, full=True)
+    head = save_vm(request, vm.files, lambda _: None)  # chain@0, standalone
+    depths = []
+    for _ in range(3):
+        head = save_vm(dataclasses.replace(request, source=head, full=False, max_depth=2),
+                       vm.files, lambda _: None)
+        depths.append(head.info.parent)
+        assert vm.same_as(head)
+    # chain@1 is a layer over chain@0; chain@2 would be 3 deep: flattened; chain@3 over it
+    assert depths == [0, None, 2]
+    assert head.disk is not None
+    info = json.loads(qemu_img("info", "-U", "--output=json", str(head.disk)))
+    assert info["full-backing-filename"].endswith("/chain/2/disk.qcow2")
 
 
 def test_two_concurrent_saves_into_one_image_get_two_revisions(site: Site,
@@ -311,3 +335,44 @@ def test_gc_removes_only_what_nothing_references(site: Site) -> None:
     assert removed == {str(revision / "stray.tmp"), str(repo / ".build-dead-1"),
                        str(repo / ".delete-old-2"), str(repo / "empty")}
     assert {p: sha256(p) for p in before} == before
+
+
+def test_a_data_disk_is_saved_as_a_layer_over_its_image(site: Site, tmp_path: Path) -> None:
+    """A VM's second drive (a template's disk started from an image), saved with -i."""
+    from tests.support_vm import fake_tiny_boot, vm_plan
+    from vcluster.cluster import DiskPlan
+    from vcluster.vm.disks import make_disks
+
+    data_repo = site.user
+    with data_repo.staging("data") as staging:
+        qemu_img("create", "-q", "-f", "qcow2", str(staging / "disk.qcow2"), str(8 << 20))
+        data = data_repo.commit(staging, ImageInfo(name="data", kind="disk",
+                                                   files={"disk": "disk.qcow2"}))
+    assert data.disk is not None
+    files = site.layout.vm("78", 0)
+    files.dir.mkdir(parents=True)
+    plan = dataclasses.replace(vm_plan(0, fake_tiny_boot()), disks=(
+        DiskPlan("data", 32 << 20, False, data.ref, data.disk, data.repo),))
+    make_disks(plan, files)  # a layer over data@0, grown to the template's size
+    disk = files.disk("data")
+    info = json.loads(qemu_img("info", "--output=json", str(disk)))
+    assert (info["virtual-size"], info["full-backing-filename"]) == (32 << 20, str(data.disk))
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-drive", f"file={disk},if=none,id=disk0,format=qcow2",
+         "-chardev", f"socket,id=qmp-tools,path={files.tools_qmp_socket},server=on,wait=off",
+         "-mon", "chardev=qmp-tools,mode=control"], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for("QEMU's monitor", files.tools_qmp_socket.exists, 10)
+        vm = Vm(files, proc, disk)
+        vm.write(1 << 20, 1 << 20, 0x42)
+        request = SaveRequest("78", 0, data, data_repo, "data", False, False, "tester",
+                              device="disk0", what="disk 'data'")
+        saved = save_vm(request, files, lambda _: None)
+        assert (saved.ref, saved.info.parent, saved.info.source) == (
+            "data@1", 0, "disk 'data' of vm0 of job 78 (data@0)")
+        assert vm.same_as(saved)
+    finally:
+        proc.terminate()
+        proc.wait(10)

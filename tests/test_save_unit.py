@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.support_vm import disk_boot, vm_plan
-from vcluster.cli.save import _destination
+from vcluster.cli.save import _destination, _disk
+from vcluster.cluster import DiskPlan
 from vcluster.config.templates import ImageRef
 from vcluster.errors import ImageError, InputError
 from vcluster.hostpaths import VmFiles
@@ -70,20 +71,43 @@ def test_a_save_is_a_layer_of_the_same_image_unless_full_or_too_deep(
 
 def test_where_a_save_goes(tmp_path: Path) -> None:
     disk = tmp_path / "site" / "debian" / "2" / "disk.qcow2"
+    data = tmp_path / "user" / "data" / "0" / "disk.qcow2"
     vm = vm_plan(0, dataclasses.replace(disk_boot(), disk=disk, repository=tmp_path / "site",
                                         image="debian@2"))
+    vm = dataclasses.replace(vm, disks=(
+        DiskPlan("scratch", 1 << 30, False),
+        DiskPlan("data", None, False, "data@0", data, tmp_path / "user")))
     named = {"user": tmp_path / "user", "site": tmp_path / "site"}
-    assert _destination(None, vm, named, "5") == (tmp_path / "site", "debian", False)
-    assert _destination("mine", vm, named, "5") == (tmp_path / "user", "mine", True)
-    assert _destination("site:ci", vm, named, "5") == (tmp_path / "site", "ci", True)
+    root = _disk(vm, "root", "5")
+    assert (root.device, root.image) == ("disk0", "debian@2")
+    assert _destination(None, root, named, "5") == (tmp_path / "site", "debian", False)
+    assert _destination("mine", root, named, "5") == (tmp_path / "user", "mine", True)
+    assert _destination("site:ci", root, named, "5") == (tmp_path / "site", "ci", True)
     for bad, problem in (("a/b", "'a/b' is not an image name"), ("..", "'..' is not"),
                          ("my image", "'my image' is not"), ("x:y", "unknown repository 'x'")):
         with pytest.raises(InputError, match=problem):
-            _destination(bad, vm, named, "5")
-    from_file = vm_plan(0, dataclasses.replace(disk_boot(), disk=disk, repository=None))
-    with pytest.raises(InputError, match="not from an image repository: save it as an image "
-                                         "with -d user:NAME"):
-        _destination(None, from_file, named, "5")
+            _destination(bad, root, named, "5")
+    # the template's disks: after the root disk, in order; a data disk from an image
+    assert _disk(vm, "scratch", "5").device == "disk1"
+    assert _destination(None, _disk(vm, "data", "5"), named, "5") == (
+        tmp_path / "user", "data", False)
+    with pytest.raises(InputError, match="disk 'scratch' of vm0 of job 5 started empty, not "
+                                         "from an image repository: save it as an image with "
+                                         "-d user:NAME"):
+        _destination(None, _disk(vm, "scratch", "5"), named, "5")
+    with pytest.raises(InputError, match=r"-i nope: vm0 of job 5 has no disk 'nope' \(its "
+                                         r"disks: root, scratch, data\)"):
+        _disk(vm, "nope", "5")
+    tiny = dataclasses.replace(vm, boot=dataclasses.replace(disk_boot(), kind="initramfs",
+                                                           disk=None))
+    assert _disk(tiny, "scratch", "5").device == "disk0"  # no root disk before it
+    with pytest.raises(InputError, match="a kernel and initramfs image: it has no disk"):
+        _disk(tiny, "root", "5")
+    from_file = vm_plan(0, dataclasses.replace(disk_boot(), disk=disk, repository=None,
+                                               image=str(disk)))
+    with pytest.raises(InputError, match=r"was started from the file .*, not from an image "
+                                         r"repository: save it as an image with -d user:NAME"):
+        _destination(None, _disk(from_file, "root", "5"), named, "5")
 
 
 def test_the_runner_thaws_only_a_guest_whose_save_died(tmp_path: Path) -> None:
@@ -156,3 +180,20 @@ def test_the_depth_limit_is_site_configuration(tmp_path: Path) -> None:
         parse_batch(load_yaml(path), path)
     path.write_text("qemu:\n  accel: tcg\n")
     assert parse_batch(load_yaml(path), path).images.max_depth == 16
+
+
+def test_a_templates_disk_needs_a_size_or_an_image(tmp_path: Path) -> None:
+    from vcluster.config.templates import parse_templates
+    from vcluster.errors import ConfigError
+    from vcluster.schema.source import load_yaml
+
+    path = tmp_path / "templates.yaml"
+    path.write_text("a:\n  image: debian\n  disks: [{name: data, image: user:data@2}, "
+                    "{size: 1G}]\n")
+    raw = parse_templates(load_yaml(path), path, "user")
+    disks = raw["a"].values["disks"]
+    assert [(d.name, d.size, str(d.image) if d.image else None) for d in disks] == [
+        ("data", None, "user:data@2"), ("disk1", 1 << 30, None)]
+    path.write_text("a:\n  image: debian\n  disks: [{name: data}]\n")
+    with pytest.raises(ConfigError, match="size"):
+        parse_templates(load_yaml(path), path, "user")

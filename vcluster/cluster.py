@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 
 from vcluster.config.loader import Config
-from vcluster.config.templates import Template
+from vcluster.config.templates import Disk, Template
 from vcluster.definition import expand_definition
 from vcluster.errors import ImageError, InputError
 
@@ -79,8 +79,11 @@ class FamPlan:
 @dataclass(frozen=True)
 class DiskPlan:
     name: str
-    size: int
+    size: int | None  # None: its image's size
     shared: bool
+    image: str | None = None  # the image revision it starts as (NAME@REV), None: empty
+    base: Path | None = None  # that revision's disk, the disk's backing file
+    repository: Path | None = None  # where that image is
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,28 @@ def _boot(t: Template, repos: Sequence[Path]) -> BootPlan:
     )
 
 
+def _disk(t: Template, disk: Disk, repos: Sequence[Path]) -> DiskPlan:
+    """An extra disk: empty, or a layer over an image revision's disk."""
+    from vcluster.images.repo import resolve_image
+
+    if disk.image is None:
+        return DiskPlan(disk.name, disk.size, disk.shared)
+    origin = t.origins.get("disks", t.origin)
+    where = f"{origin}: {t.name}.disks[{disk.name}].image"
+    if disk.image.path is not None:
+        if not disk.image.path.is_file():
+            raise InputError(f"{where}: {disk.image.path}: no such file")
+        return DiskPlan(disk.name, disk.size, disk.shared, str(disk.image.path),
+                        disk.image.path, None)
+    try:
+        image = resolve_image(str(disk.image), repos)
+    except ImageError as e:
+        raise InputError(f"{where}: {e}") from e
+    if image.disk is None:
+        raise InputError(f"{where}: image {image.ref} is a kernel and initramfs, not a disk")
+    return DiskPlan(disk.name, disk.size, disk.shared, image.ref, image.disk, image.repo)
+
+
 def _nics(config: Config, t: Template, index: int, total: int) -> tuple[NicPlan, ...]:
     from vcluster.networks import kind, planned_types
 
@@ -276,7 +301,7 @@ def plan_cluster(config: Config, definition: str, *, cpus_per_task: int | None =
             boot=boots[t.name],
             nics=_nics(config, t, spec.index, len(specs)),
             fam=fam,
-            disks=tuple(DiskPlan(d.name, d.size, d.shared) for d in t.disks),
+            disks=tuple(_disk(t, d, repos) for d in t.disks),
             user_data=_user_data(t),
             machine=t.machine,
             cpu_model=t.cpu_model,

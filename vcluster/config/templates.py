@@ -66,8 +66,9 @@ class UserData:
 @dataclass(frozen=True)
 class Disk:
     name: str
-    size: int
+    size: int | None  # None: the size of its image's disk
     shared: bool = False
+    image: ImageRef | None = None  # its first content (a layer over it); None: empty
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ def _user_data(sec: Section, base: Path) -> UserData | None:
     return UserData(file=path)
 
 
-def _disks(sec: Section) -> tuple[Disk, ...]:
-    expected = "a list of mappings with size, and optionally name and shared"
+def _disks(sec: Section, base: Path) -> tuple[Disk, ...]:
+    expected = "a list of mappings with size or image, and optionally name and shared"
     node = sec.raw("disks")
     if node is None:
         return ()
@@ -163,9 +164,10 @@ def _disks(sec: Section) -> tuple[Disk, ...]:
     disks: list[Disk] = []
     for i, item in enumerate(node.value):
         d = Section(item, f"{sec.path('disks')}[{i}]", expected)
+        image = _image(d, base)
         disk = Disk(name=_name(d, "name") or f"disk{i}",
-                    size=d.size("size", required=True) or 0,
-                    shared=d.boolean("shared", False))
+                    size=d.size("size", required=image is None),
+                    shared=d.boolean("shared", False), image=image)
         d.done()
         if any(other.name == disk.name for other in disks):
             raise d.error("name", f"duplicate disk name {disk.name!r}", "distinct disk names")
@@ -211,7 +213,7 @@ def _parse_one(name: str, origin: Origin, sec: Section, level: str, base: Path) 
         "user-data": lambda: _user_data(sec, base),
         "vcpus": lambda: sec.integer("vcpus", minimum=1, maximum=1024),
         "memory": lambda: _memory(sec),
-        "disks": lambda: _disks(sec),
+        "disks": lambda: _disks(sec, base),
         "fam": lambda: _fam(sec),
         "kernel": lambda: _path(sec, "kernel", base),
         "initrd": lambda: _path(sec, "initrd", base),

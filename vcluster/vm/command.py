@@ -159,8 +159,12 @@ def nc(address: str, port: int) -> None:
               help="The SLURM job (default: $SLURM_JOB_ID).")
 @click.option("--vm", "index", type=click.IntRange(min=0), required=True, metavar="N",
               help="The VM of the job on this host.")
-@click.option("--source", type=click.Path(path_type=Path), required=True, metavar="DIR",
-              help="The image revision the VM was started from (its directory).")
+@click.option("--source", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="The image revision the disk started as (its directory); none: it was "
+                   "empty.")
+@click.option("--device", default="disk0", show_default=True,
+              help="QEMU's drive to save (disk0: the root disk of a disk image).")
+@click.option("--what", default="the root disk", help="The disk, for messages.")
 @click.option("--dest", type=click.Path(path_type=Path), required=True, metavar="REPO",
               help="The repository to save into.")
 @click.option("--name", required=True, help="The image to add a revision to.")
@@ -168,9 +172,9 @@ def nc(address: str, port: int) -> None:
 @click.option("--no-freeze", is_flag=True, help="Do not freeze the guest's file systems.")
 @click.option("--max-depth", type=click.IntRange(min=1), default=16, show_default=True,
               help="Flatten the revision when its chain of layers would be deeper.")
-def save(job: str, index: int, source: Path, dest: Path, name: str, full: bool,
-         no_freeze: bool, max_depth: int) -> None:
-    """Save the root disk of a VM of this host as a new image revision, the VM running.
+def save(job: str, index: int, source: Path | None, device: str, what: str, dest: Path,
+         name: str, full: bool, no_freeze: bool, max_depth: int) -> None:
+    """Save a disk of a VM of this host as a new image revision, the VM running.
 
     Runs on the VM's host inside the job (vcluster save uses srun --overlap
     for that), as the VM's user; prints progress on stderr and the saved
@@ -181,12 +185,14 @@ def save(job: str, index: int, source: Path, dest: Path, name: str, full: bool,
     from vcluster.images.repo import INFO_FILE, Image, ImageInfo, Repository
     from vcluster.vm.save import SaveRequest, save_vm
 
-    info_path = source / INFO_FILE
-    info = ImageInfo.from_json(info_path.read_text(), info_path)
-    image = Image(source.parent.parent, info, source)
+    image = None
+    if source is not None:
+        info_path = source / INFO_FILE
+        info = ImageInfo.from_json(info_path.read_text(), info_path)
+        image = Image(source.parent.parent, info, source)
     files = load_batch().directories.layout.vm(job, index)
-    request = SaveRequest(job, index, image, Repository(dest), name, full, not no_freeze,
-                          user_name(), max_depth)
+    request = SaveRequest(job, index, image, Repository(dest), name, full or image is None,
+                          not no_freeze, user_name(), max_depth, device, what)
 
     def say(text: str) -> None:
         print(f"vcluster: save vm{index}: {text}", file=sys.stderr, flush=True)

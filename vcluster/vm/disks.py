@@ -21,10 +21,14 @@ QEMU_IMG_TIMEOUT = 60.0
 
 def image_format(path: Path) -> str:
     """The format of a base image (``qemu-img info``, shared lock: VMs may be using it)."""
+    return str(_info(path, "format"))
+
+
+def _info(path: Path, key: str) -> object:
     out = run(["qemu-img", "info", "-U", "--output=json", str(path)],
               timeout=QEMU_IMG_TIMEOUT).stdout
     try:
-        return str(json.loads(out)["format"])
+        return json.loads(out)[key]
     except (ValueError, KeyError) as e:
         raise VmError(f"qemu-img info {path}: unexpected answer ({e})") from None
 
@@ -44,4 +48,13 @@ def make_disks(vm: VmPlan, files: VmFiles) -> None:
         if disk.shared:
             raise VmError(f"disk {disk.name!r} is shared, which this version of vcluster "
                           "does not support yet")
-        run(machine.disk_argv(files.disk(disk.name), disk.size), timeout=QEMU_IMG_TIMEOUT)
+        if disk.base is None:
+            assert disk.size is not None  # the configuration requires it without an image
+            run(machine.disk_argv(files.disk(disk.name), disk.size), timeout=QEMU_IMG_TIMEOUT)
+            continue
+        try:  # a layer over its image; ``size`` makes it bigger, never smaller
+            size = int(str(_info(disk.base, "virtual-size")))
+            run(machine.overlay_argv(disk.base, image_format(disk.base), files.disk(disk.name),
+                                     max(size, disk.size or 0)), timeout=QEMU_IMG_TIMEOUT)
+        except VclusterError as e:
+            raise VmError(f"cannot make disk {disk.name!r} over {disk.base}: {e}") from e

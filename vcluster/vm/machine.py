@@ -61,10 +61,12 @@ def vm_spec(spec: ClusterSpec, vm: VmPlan, files: VmFiles, *, accel: str,
     )
 
 
-def overlay_argv(base: Path, base_format: str, overlay: Path) -> list[str]:
-    """``qemu-img`` making a qcow2 overlay over ``base`` by its absolute path."""
+def overlay_argv(base: Path, base_format: str, overlay: Path,
+                 size: int | None = None) -> list[str]:
+    """``qemu-img`` making a qcow2 overlay over ``base`` by its absolute path (of ``size``
+    bytes, else the base's size)."""
     return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format,
-            "-b", str(base.resolve()), str(overlay)]
+            "-b", str(base.resolve()), str(overlay), *([str(size)] if size else [])]
 
 
 def disk_argv(path: Path, size: int) -> list[str]:

@@ -61,18 +61,21 @@ class SaveRequest:
 
     job: str
     index: int
-    source: Image  # the image revision the VM was started from
+    source: Image | None  # the image revision the disk started as (None: it was empty)
     dest: Repository
     name: str  # the image to add a revision to (the source's own name, or -d's)
     full: bool  # a standalone, flattened revision (else a layer when the source allows)
     freeze: bool
     made_by: str
     max_depth: int = 16
+    device: str = ROOT_DEVICE  # QEMU's drive: disk0 the root disk, then the extra disks
+    what: str = "the root disk"  # for messages and the revision's source
 
     @property
     def layered(self) -> bool:
         """A layer over the source: a new revision of the same image, not too deep."""
-        return (not self.full and self.dest.root == self.source.repo
+        return (self.source is not None and not self.full
+                and self.dest.root == self.source.repo
                 and self.name == self.source.info.name
                 and chain_depth(self.source) < self.max_depth)
 
@@ -195,11 +198,11 @@ def _wait_job(qmp: Qmp, job_id: str, progress: Callable[[int, int], None],
         time.sleep(JOB_POLL)
 
 
-def _virtual_size(qmp: Qmp) -> int:
+def _virtual_size(qmp: Qmp, device: str) -> int:
     for block in qmp.execute("query-block"):
-        if block.get("device") == ROOT_DEVICE and "inserted" in block:
+        if block.get("device") == device and "inserted" in block:
             return int(block["inserted"]["image"]["virtual-size"])
-    raise SaveError(f"QEMU has no disk {ROOT_DEVICE!r}: nothing to save")
+    raise SaveError(f"QEMU has no disk {device!r}: nothing to save")
 
 
 def _fsync(path: Path) -> None:
@@ -237,9 +240,9 @@ def _size(n: int) -> str:
 
 
 def save_vm(request: SaveRequest, files: VmFiles, say: Callable[[str], None]) -> Image:
-    """Save the VM's root disk as a new revision of ``request.name``; the revision."""
+    """Save one of the VM's disks as a new revision of ``request.name``; the revision."""
     source = request.source
-    if source.disk is None or source.info.kind != "disk":
+    if source is not None and (source.disk is None or source.info.kind != "disk"):
         raise SaveError(f"image {source.ref} has no disk to save")
     with save_lock(files):
         request.dest.sweep()  # what killed saves and builds left
@@ -259,11 +262,11 @@ def _locked(request: SaveRequest, files: VmFiles, say: Callable[[str], None]) ->
 def _save(request: SaveRequest, files: VmFiles, qmp: Qmp, staging: Path,
           say: Callable[[str], None]) -> Image:
     source = request.source
-    assert source.disk is not None
     _forget_stale(qmp)
     target = staging / "disk.qcow2"
-    size = _virtual_size(qmp)
+    size = _virtual_size(qmp, request.device)
     if request.layered:
+        assert source is not None and source.disk is not None
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b",
              str(source.disk.resolve()), str(target), str(size)], timeout=60)
     else:
@@ -276,7 +279,7 @@ def _save(request: SaveRequest, files: VmFiles, qmp: Qmp, staging: Path,
     started = time.monotonic()
     try:
         with _frozen(files, request.freeze, say):
-            backup: dict[str, Any] = {"job-id": job_id, "device": ROOT_DEVICE, "target": node,
+            backup: dict[str, Any] = {"job-id": job_id, "device": request.device, "target": node,
                                       "sync": "top" if request.layered else "full",
                                       "auto-dismiss": False}
             if not request.layered:
@@ -301,8 +304,8 @@ def _save(request: SaveRequest, files: VmFiles, qmp: Qmp, staging: Path,
     _fsync(target)
     files_of = {"disk": "disk.qcow2"}
     for role in ("kernel", "initrd"):
-        path = source.file(role)
-        if path is None:
+        path = source.file(role) if source is not None else None
+        if source is None or path is None:
             continue
         if request.dest.root == source.repo:
             files_of[role] = str(path.resolve())  # shared with the revision it came from
@@ -310,13 +313,19 @@ def _save(request: SaveRequest, files: VmFiles, qmp: Qmp, staging: Path,
             shutil.copy2(path, staging / path.name)
             _fsync(staging / path.name)
             files_of[role] = path.name
+    origin = f" ({source.ref})" if source is not None else ""
+    what = "" if request.what == "the root disk" else f"{request.what} of "
     info = ImageInfo(name=request.name, kind="disk", files=files_of,
-                     parent=source.info.revision if request.layered else None,
-                     append=source.info.append, user=source.info.user, made_by=request.made_by,
-                     source=f"vm{request.index} of job {request.job} ({source.ref})")
+                     parent=source.info.revision if source is not None and request.layered
+                     else None,
+                     append=source.info.append if source is not None else "",
+                     user=source.info.user if source is not None else "root",
+                     made_by=request.made_by,
+                     source=f"{what}vm{request.index} of job {request.job}{origin}")
     image = request.dest.commit(staging, info)
-    say(f"saved as {image.ref} in {request.dest.root} "
-        f"({'a layer over ' + source.ref if request.layered else 'standalone'}, "
+    layer = f"a layer over {source.ref}" if source is not None and request.layered else (
+        "standalone")
+    say(f"saved {request.what} as {image.ref} in {request.dest.root} ({layer}, "
         f"{_size(target_size(image))}) in {time.monotonic() - started:.1f} s")
     return image
 
