@@ -116,3 +116,14 @@ def test_commands_run_as_a_user_through_su() -> None:
     assert as_user("root", ["id"]) == ["id"]
     assert as_user("debian", ["sh", "-c", "echo $HOME"]) == \
         ["su", "-s", "/bin/sh", "-c", "exec sh -c 'echo $HOME'", "debian"]
+
+
+def test_the_status_line_is_found_after_output_without_a_newline() -> None:
+    import io
+
+    from vcluster.execwire import status_line
+    from vcluster.launch.vmexec import relay
+
+    out, got = io.BytesIO(), dict[int, int]()
+    relay(io.BytesIO(b"one\nno newline" + status_line({"vm2": 0, "vm3": 4})), got, out)
+    assert (out.getvalue(), got) == (b"one\nno newline", {2: 0, 3: 4})

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-from vcluster.execwire import parse_status_line
+from vcluster.execwire import MARK, parse_status_line
 from vcluster.launch.overlap import overlap_argv, overlap_env
 from vcluster.run import spawn, stop
 
@@ -49,14 +49,22 @@ def exec_argv(command: VmCommand, host: str) -> list[str]:
             "--names" if command.names else "--no-names", "--", *command.argv]
 
 
-def _relay(stream: IO[bytes], got: dict[int, int]) -> None:
+def relay(stream: IO[bytes], got: dict[int, int], out: IO[bytes] | None = None) -> None:
+    """Pass the VMs' output on to ``out`` (our stdout), keeping the status line's statuses.
+
+    The status line may follow output that did not end with a newline (``printf x``): it
+    starts wherever its mark is.
+    """
+    sink = out if out is not None else sys.stdout.buffer
     for line in stream:
-        statuses = parse_status_line(line)
+        at = line.find(MARK)
+        statuses = parse_status_line(line[at:]) if at >= 0 else None
         if statuses is not None:
             got.update(statuses)
-            continue
-        sys.stdout.buffer.write(line)
-        sys.stdout.buffer.flush()
+            line = line[:at]
+        if line:
+            sink.write(line)
+            sink.flush()
 
 
 def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
@@ -85,7 +93,7 @@ def run_in_vms(command: VmCommand,
                          stdin=subprocess.DEVNULL if command.stdin is None else subprocess.PIPE)
             procs.append(proc)
             assert proc.stdout is not None
-            threads.append(threading.Thread(target=_relay, args=(proc.stdout, got)))
+            threads.append(threading.Thread(target=relay, args=(proc.stdout, got)))
             threads[-1].start()
             if command.stdin is not None:
                 threads.append(threading.Thread(target=_feed, args=(proc, command.stdin)))
