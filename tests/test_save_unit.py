@@ -157,7 +157,7 @@ def test_a_vm_of_an_image_you_cannot_write_is_told_to_use_d(
                                                                 user=me)))
     store.put(keys.vm(me, "12", 0), to_json(VmRecord(VmState.READY, host="h1")))
     monkeypatch.setattr("vcluster.cli.clusters.with_store", lambda ctx: (store, keys, me))
-    monkeypatch.setattr("vcluster.cli.save._writable", lambda root: root != site)
+    monkeypatch.setattr("vcluster.cli.common.writable", lambda root: root != site)
     result = CliRunner().invoke(cli, ["save", "-j", "12", "vm0"])
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -15,6 +16,16 @@ def load_config() -> Config:
     from vcluster.config.loader import load_config as load
 
     return load()
+
+
+def writable(root: Path) -> bool:
+    """Whether we may add to the directory ``root`` (made if it is missing and ours)."""
+    import os
+
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK | os.X_OK)
 
 
 def table_lines(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

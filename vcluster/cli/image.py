@@ -190,17 +190,14 @@ def _find(ref: str, what: str = "IMAGE") -> Image:
 
 def _target(text: str, what: str) -> tuple[Repository, str]:
     """``[REPO:]NAME`` to make a revision in (REPO: user by default), writable by us."""
-    from vcluster.cli.common import load_config
+    from vcluster.cli.common import load_config, writable
     from vcluster.cluster import named_repositories
     from vcluster.errors import InputError
     from vcluster.images.repo import Repository, split_destination
 
     repo, name = split_destination(text, f"{what} {text}")
     root = named_repositories(load_config())[repo or "user"]
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not writable(root):
         raise InputError(f"{what} {text}: you cannot write the {repo or 'user'} repository "
                          f"{root} (expected a repository of yours, such as user:{name})")
     return Repository(root), name

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,14 +87,6 @@ def _destination(text: str | None, disk: _Disk, repos: dict[str, Path],
     return repos[repo or "user"], name, True
 
 
-def _writable(root: Path) -> bool:
-    """Whether we may add revisions to the repository (made if it is missing and ours)."""
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return os.access(probe, os.W_OK | os.X_OK)
-
-
 @click.command(help=HELP)
 @cluster_options
 @click.option("-d", "--dest", default=None, metavar="[REPO:]NAME",
@@ -115,7 +106,7 @@ def _writable(root: Path) -> bool:
 def save(ctx: click.Context, jobid: str | None, jobname: str | None, dest: str | None,
          full: bool, disk_name: str, no_freeze: bool, max_depth: int | None, vm: str) -> None:
     from vcluster.cli.clusters import pick_cluster, vm_index, with_store
-    from vcluster.cli.common import load_config
+    from vcluster.cli.common import load_config, writable
     from vcluster.cluster import named_repositories
     from vcluster.errors import InputError, VclusterError
     from vcluster.launch.overlap import overlap_argv, overlap_env
@@ -132,7 +123,7 @@ def save(ctx: click.Context, jobid: str | None, jobname: str | None, dest: str |
     repos = named_repositories(config)
     max_depth = max_depth or config.batch.images.max_depth
     root, name, named = _destination(dest, disk, repos, job)
-    if not _writable(root):
+    if not writable(root):
         which = next((f"the {r} repository" for r, p in repos.items() if p == root),
                      "the repository")
         if named:
