@@ -1,9 +1,11 @@
-"""Store semantics, the same tests on every backend: MemoryStore and a real etcd.
+"""Store semantics, the same tests on every backend: memory, sqlite and a real etcd.
 
 The etcd runs with TLS and authentication (tests/support_etcd.py), and the
 tests use a user confined to its prefix, as the agent hands out.  The memory
-store runs on a FakeClock, so its leases expire when a test says, not after a
-wait; on etcd ``elapse`` is real time.  What only etcd has (TLS, roles,
+and sqlite stores run on a FakeClock, so their leases expire when a test
+says, not after a wait; on etcd ``elapse`` is real time.  The sqlite store's
+other clients are connections of their own to the same file; races between
+processes and kills mid-write are in tests/test_store_sqlite.py.  What only etcd has (TLS, roles,
 tokens, unreachable servers) is in tests/test_store_etcd.py.
 """
 
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +46,7 @@ from vcluster.store.base import (
 )
 from vcluster.store.keys import Keys
 from vcluster.store.records import VmRecord, from_json, to_json
+from vcluster.store.sqlite import SqliteStore
 
 KEYS = Keys("/vcluster")
 
@@ -84,6 +88,29 @@ def _memory_backend() -> Iterator[Backend]:
         store.close()
 
 
+def _sqlite_backend(path: Path) -> Iterator[Backend]:
+    clock = FakeClock()
+
+    def opened() -> SqliteStore:
+        # A short poll interval: watchers see other clients' writes and expired leases at once.
+        return SqliteStore(path, clock=clock, poll_interval=0.01)
+
+    @contextmanager
+    def clients(count: int) -> Iterator[list[Store]]:
+        more = [opened() for _ in range(count)]  # connections of their own, as processes have
+        try:
+            yield list(more)
+        finally:
+            for store in more:
+                store.close()
+
+    store = opened()
+    try:
+        yield Backend(store, clients, clock.advance, store.compact)
+    finally:
+        store.close()
+
+
 def _etcd_backend(server: EtcdServer, config: StoreConfig) -> Iterator[Backend]:
     # Imported here: the memory half runs where grpc and pyetcd are not installed.
     from vcluster.store.etcd import EtcdStore
@@ -105,10 +132,12 @@ def _etcd_backend(server: EtcdServer, config: StoreConfig) -> Iterator[Backend]:
         yield Backend(store, clients, time.sleep, compact)
 
 
-@pytest.fixture(params=["memory", pytest.param("etcd", marks=pytest.mark.etcd)])
-def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+@pytest.fixture(params=["memory", "sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "memory":
         yield from _memory_backend()
+    elif request.param == "sqlite":
+        yield from _sqlite_backend(tmp_path / "store.db")
     else:
         yield from _etcd_backend(request.getfixturevalue("etcd_server"),
                                  request.getfixturevalue("alice_config"))

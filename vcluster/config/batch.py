@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from vcluster.schema.fields import Section
 from vcluster.schema.source import Node
 
 BACKENDS = ("slurm",)  # "local" comes with the single-machine mode
-STORE_BACKENDS = ("etcd",)  # "embedded" comes with the single-machine mode
+STORE_BACKENDS = ("etcd", "sqlite")
 ACCELERATORS = ("auto", "kvm", "tcg")
 
 
@@ -28,6 +29,14 @@ class StoreConfig:
     user: str | None = None
     password_file: Path | None = None
     timeout: float = 5.0
+    path: Path | None = None  # sqlite: the database file (None: the user's default)
+
+    def database(self) -> Path:
+        """The sqlite database: ``path``, else ``$XDG_STATE_HOME/vcluster/store.db``."""
+        if self.path is not None:
+            return self.path
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(state) / "vcluster" / "store.db"
 
     def password(self) -> str | None:
         """Read the password file (kept out of this config, which users can read)."""
@@ -96,6 +105,7 @@ def _store(sec: Section, base: Path) -> StoreConfig:
         user=sec.string("user"),
         password_file=sec.file_path("password-file", base),
         timeout=sec.number("timeout", default.timeout, minimum=0.1),
+        path=sec.file_path("path", base),
     )
     sec.done()
     if (out.cert is None) != (out.key is None):

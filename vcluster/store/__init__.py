@@ -2,7 +2,8 @@
 
 ``open_store(config)`` returns the Store for ``store:`` in batch.yaml; the
 backend (and its gRPC stack) is imported only when a store is opened, so
-commands that never touch the store stay fast.  ``MemoryStore`` is the same
+commands that never touch the store stay fast.  ``sqlite`` is the embedded store of one
+machine (a database file of the user's).  ``MemoryStore`` is the same
 interface with etcd's semantics in this process's memory, standard library
 only (tests construct it directly).  The interface and its types are in
 ``vcluster.store.base``, the key layout in ``vcluster.store.keys`` and the
@@ -33,7 +34,12 @@ def open_store(config: StoreConfig, password: str | None = None) -> Store:
         from vcluster.store.etcd import EtcdStore
 
         return EtcdStore(config, password)
-    raise ConfigError(None, "store.backend", f"{config.backend!r} is not available", "etcd")
+    if config.backend == "sqlite":
+        from vcluster.store.sqlite import SqliteStore
+
+        return SqliteStore(config.database(), timeout=config.timeout)
+    raise ConfigError(None, "store.backend", f"{config.backend!r} is not available",
+                      "etcd or sqlite")
 
 
 __all__ = ["MemoryStore", "Store", "load_backend", "open_store"]

@@ -29,8 +29,6 @@ thread, never under the lock, so they may call the store.
 from __future__ import annotations
 
 import bisect
-import operator
-import queue
 import secrets
 import threading
 import time
@@ -38,7 +36,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from vcluster.errors import StoreError
 from vcluster.store.base import (
@@ -57,18 +54,22 @@ from vcluster.store.base import (
     Watch,
     WatchEvent,
 )
+from vcluster.store.rules import (
+    CANCEL_WAIT,
+    DEFAULT_MIN_TTL,
+    FedWatch,
+    check_compare,
+    check_grant,
+    check_txn,
+    first_key,
+    holds,
+    need_key,
+)
 
-MAX_TXN_OPS = 128  # etcd's --max-txn-ops default
-MAX_LEASE_TTL = 9_000_000_000  # etcd's MaxLeaseTTL, in seconds
-DEFAULT_MIN_TTL = 2  # etcd's minimum with its default 1 s election timeout
+BACKEND = "memory store"
+
 DEFAULT_HISTORY = 100_000  # revisions kept for watches from the past
-# As long as the etcd backend waits for a watch's reader (store.timeout's default).
-_CANCEL_WAIT = 5.0
 
-_OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
-    "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt,
-}
-_TARGETS = ("value", "version", "create", "mod")
 
 
 @dataclass
@@ -101,7 +102,7 @@ class MemoryStore(Store):
         self._leases: dict[int, _Lease] = {}
         self._history: deque[tuple[int, tuple[WatchEvent, ...]]] = deque()
         self._compacted = 0  # watches from below this revision have missed events
-        self._watches: set[_MemoryWatch] = set()
+        self._watches: set[FedWatch] = set()
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
 
@@ -110,20 +111,20 @@ class MemoryStore(Store):
     def get(self, key: str) -> Entry | None:
         with self._lock:
             self._begin("read", key)
-            _need_key("read", key)
+            need_key(BACKEND, "read", key)
             return self._kv.get(key)
 
     def get_prefix(self, prefix: str) -> Snapshot:
         with self._lock:
             self._begin("read", prefix)
-            _need_key("read", prefix)
+            need_key(BACKEND, "read", prefix)
             entries = tuple(self._kv[k] for k in self._range(prefix, True))
             return Snapshot(entries, self._revision)
 
     def put(self, key: str, value: str, lease: Lease | None = None) -> int:
         with self._lock:
             self._begin("write", key)
-            _need_key("write", key)
+            need_key(BACKEND, "write", key)
             self._need_leases("write", key, [Put(key, value, lease)])
             revision, events = self._write()
             self._put(key, value, lease, revision, events)
@@ -133,7 +134,7 @@ class MemoryStore(Store):
     def delete(self, key: str) -> bool:
         with self._lock:
             self._begin("delete", key)
-            _need_key("delete", key)
+            need_key(BACKEND, "delete", key)
             revision, events = self._write()
             existed = self._delete(key, revision, events)
             self._commit(revision, events)
@@ -142,7 +143,7 @@ class MemoryStore(Store):
     def delete_prefix(self, prefix: str) -> int:
         with self._lock:
             self._begin("delete", prefix)
-            _need_key("delete", prefix)
+            need_key(BACKEND, "delete", prefix)
             revision, events = self._write()
             for key in self._range(prefix, True):
                 self._delete(key, revision, events)
@@ -152,14 +153,13 @@ class MemoryStore(Store):
     def txn(self, compare: Sequence[Compare], success: Sequence[Op],
             failure: Sequence[Op] = ()) -> TxnResult:
         for c in compare:
-            _check_compare(c)  # before any call, as the etcd backend does
+            check_compare(c)  # before any call, as the etcd backend does
         what = "run a transaction on"
-        first = next((c.key for c in compare), None) or next(
-            (op.key for op in (*success, *failure)), "")
+        first = first_key(compare, success, failure)
         with self._lock:
             self._begin(what, first)
-            _check_txn(first, compare, success, failure)
-            succeeded = all(self._holds(c) for c in compare)
+            check_txn(BACKEND, first, compare, success, failure)
+            succeeded = all(holds(c, self._kv.get(c.key)) for c in compare)
             ops = success if succeeded else failure
             self._need_leases(what, first, ops)
             revision, events = self._write()
@@ -210,19 +210,19 @@ class MemoryStore(Store):
         with self._lock:
             self._begin("watch", key)
             first = start_revision or self._revision + 1  # 0 means now, as in etcd
-            watch = _MemoryWatch(self, key, prefix, first, callback, on_error)
+            watch = FedWatch(self._forget, key, prefix, first, callback, on_error)
             if first < self._compacted:
                 # etcd creates the watch, then cancels it: the error comes from get()
-                watch._push(StoreError(
+                watch.push(StoreError(
                     f"cannot watch {key!r} from revision {start_revision}: the memory store "
                     f"has compacted its history up to revision {self._compacted} (read the "
                     "keys again and watch from the revision of that read)"))
             else:
                 for revision, events in self._history:
                     if revision >= first:
-                        watch._offer(events)
+                        watch.offer(events)
                 self._watches.add(watch)
-            watch._start()
+            watch.start()
         return watch
 
     # ------------------------------------------------------------ leases
@@ -232,9 +232,7 @@ class MemoryStore(Store):
             raise ValueError(f"a lease lasts at least 1 s, not {ttl}")
         with self._lock:
             self._begin("grant a lease for", f"{ttl} s")
-            if ttl > MAX_LEASE_TTL:
-                raise StoreError(f"memory store: cannot grant a lease for '{ttl} s': "
-                                 "too large lease TTL")
+            check_grant(BACKEND, ttl)
             ttl = max(ttl, self._min_ttl)
             lease_id = 0
             while lease_id == 0 or lease_id in self._leases:  # ids are opaque, like etcd's
@@ -279,7 +277,7 @@ class MemoryStore(Store):
         for watch in watches:  # outside the lock: cancel takes it
             watch.cancel()
         if self._timer is not None and self._timer is not threading.current_thread():
-            self._timer.join(_CANCEL_WAIT)
+            self._timer.join(CANCEL_WAIT)
 
     # ------------------------------------------------------------ internals (under the lock)
 
@@ -301,22 +299,6 @@ class MemoryStore(Store):
         while end < len(self._sorted) and self._sorted[end].startswith(key):
             end += 1
         return self._sorted[start:end]
-
-    def _holds(self, c: Compare) -> bool:
-        entry = self._kv.get(c.key)
-        compare = _OPERATORS[c.op]
-        if c.target == "value":
-            # etcd: a missing key has no value to compare, so this is false even for !=
-            return entry is not None and compare(entry.value.encode(), str(c.operand).encode())
-        if entry is None:
-            actual = 0
-        elif c.target == "version":
-            actual = entry.version
-        elif c.target == "create":
-            actual = entry.create_revision
-        else:
-            actual = entry.mod_revision
-        return compare(actual, c.operand)
 
     def _need_leases(self, what: str, key: str, ops: Sequence[Op]) -> None:
         for op in ops:
@@ -364,7 +346,7 @@ class MemoryStore(Store):
             self._drop_history(self._history[-self._history_limit][0]
                                if self._history_limit else revision + 1)
         for watch in self._watches:
-            watch._offer(done)
+            watch.offer(done)
 
     def _drop_history(self, before: int) -> None:
         while self._history and self._history[0][0] < before:
@@ -399,7 +381,7 @@ class MemoryStore(Store):
             if not self._closed:
                 self._expire()
 
-    def _forget(self, watch: _MemoryWatch) -> None:
+    def _forget(self, watch: FedWatch) -> None:
         with self._lock:
             self._watches.discard(watch)
 
@@ -412,91 +394,3 @@ def _expire_in_background(ref: weakref.ref[MemoryStore], stop: threading.Event,
             return
         store._expire_now()
         del store  # not held across the wait
-
-
-def _need_key(what: str, key: str) -> None:
-    if not key:
-        raise StoreError(f"memory store: cannot {what} {key!r}: key is not provided")
-
-
-def _check_compare(c: Compare) -> None:
-    if c.target not in _TARGETS or c.op not in _OPERATORS:
-        raise ValueError(f"compare on {c.target} of {c.key!r}: unknown target or op {c.op!r}")
-    wants_int = c.target != "value"
-    if wants_int != (isinstance(c.operand, int) and not isinstance(c.operand, bool)):
-        raise ValueError(f"compare on {c.target} of {c.key!r}: wrong operand {c.operand!r}")
-
-
-def _check_txn(first: str, compare: Sequence[Compare], success: Sequence[Op],
-               failure: Sequence[Op]) -> None:
-    """Refuse what etcd refuses before looking at the keys, in etcd's order."""
-    def refuse(reason: str) -> StoreError:
-        return StoreError(f"memory store: cannot run a transaction on {first!r}: {reason}")
-
-    if max(len(compare), len(success), len(failure)) > MAX_TXN_OPS:
-        raise refuse("too many operations in txn request")
-    if not all(c.key for c in compare) or not all(op.key for op in (*success, *failure)):
-        raise refuse("key is not provided")
-    for branch in (success, failure):
-        puts: set[str] = set()
-        deleted: list[Delete] = []
-        for op in branch:
-            if isinstance(op, Put):
-                if op.key in puts or any(_covers(d, op.key) for d in deleted):
-                    raise refuse("duplicate key given in txn request")
-                puts.add(op.key)
-            elif isinstance(op, Delete):
-                if any(_covers(op, key) for key in puts):
-                    raise refuse("duplicate key given in txn request")
-                deleted.append(op)
-
-
-def _covers(op: Delete, key: str) -> bool:
-    return key.startswith(op.key) if op.prefix else key == op.key
-
-
-class _MemoryWatch(Watch):
-    """One watch, fed under the store's lock and delivered by its own thread."""
-
-    def __init__(self, store: MemoryStore, key: str, prefix: bool, first: int,
-                 callback: Callable[[WatchEvent], None] | None,
-                 on_error: Callable[[StoreError], None] | None) -> None:
-        super().__init__(callback, on_error)
-        self._store = store
-        self._key = key
-        self._prefix = prefix
-        self._first = first
-        self._cancelled = False
-        self._pending: queue.SimpleQueue[WatchEvent | StoreError | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"watch {key}", daemon=True)
-
-    def _start(self) -> None:
-        self._thread.start()
-
-    def _offer(self, events: tuple[WatchEvent, ...]) -> None:
-        for event in events:
-            if event.revision >= self._first and (
-                    event.key.startswith(self._key) if self._prefix else event.key == self._key):
-                self._pending.put(event)
-
-    def _push(self, error: StoreError) -> None:
-        self._pending.put(error)
-
-    def _run(self) -> None:
-        try:
-            while (item := self._pending.get()) is not None:
-                if isinstance(item, StoreError):
-                    self._fail(item)
-                    return
-                self._deliver(item)
-        finally:
-            self._finish()
-
-    def cancel(self) -> None:
-        if self._cancelled:
-            return
-        self._cancelled = True
-        self._store._forget(self)
-        self._pending.put(None)  # events offered before this are still delivered
-        if threading.current_thread() is not self._thread and self._thread.is_alive():
-            self._thread.join(_CANCEL_WAIT)
