@@ -35,7 +35,7 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 # What the agent's client imports (test_agent_unit checks it), copied beside the job program.
 CLIENT_FILES = ("vcluster/__init__.py", "vcluster/errors.py", "vcluster/codec.py",
                 "vcluster/agent/__init__.py", "vcluster/agent/protocol.py",
-                "vcluster/agent/client.py")
+                "vcluster/agent/client.py", "vcluster/qemu.py")
 PROGRAMS = ("agent_job.py", "agent_links.py", "agent_bridge.py", "agent_hold.py",
             "agent_nft.py")
 

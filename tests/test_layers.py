@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "vcluster"
-AGENT_PUBLIC = {"vcluster.agent.client", "vcluster.agent.protocol"}
+AGENT_PUBLIC = {"vcluster.agent.client", "vcluster.agent.protocol", "vcluster.agent.local"}
 
 
 def read_levels(doc: Path) -> dict[str, int]:

@@ -200,3 +200,14 @@ def test_qemu_accepts_the_composed_command_line(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_rootless_nic_backends() -> None:
+    switch = qemu.nic_args(qemu.VdeSwitch(Path("/run/user/1000/sw,1")), "52:54:00:00:00:03")
+    assert switch[:2] == ["-netdev", "vde,id=net0,sock=/run/user/1000/sw,,1"]
+    user = qemu.nic_args(qemu.UserNet(ssh_port=20022), "52:54:00:00:00:04", net_id="net1")
+    assert user[1] == ("user,id=net1,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,"
+                       "dhcpstart=10.0.2.15,hostfwd=tcp:127.0.0.1:20022-:22")
+    spec = VmSpec(name="vm0", nics=(Nic(qemu.UserNet(), "52:54:00:00:00:05"), Nic(
+        9, "52:54:00:00:00:06")))
+    assert spec.pass_fds() == (9,)  # only taps are inherited

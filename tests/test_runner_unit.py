@@ -205,7 +205,8 @@ def test_devices_that_do_not_fit_the_plan_are_a_failure(bench: Bench) -> None:
     qemu = FakeQemu()
     assert runner(bench, qemu).run() == 1
     failed = bench.records()[-1]
-    assert failed.error == "the agent's devices do not match the VM's plan (0 taps for 1 NICs)"
+    assert failed.error == ("the agent's devices do not match the VM's plan "
+                            "(0 NIC backends for 1 NICs)")
     assert failed.console_tail == ()
     assert qemu.started == []
     assert bench.agent.fds_released()

@@ -11,6 +11,7 @@ tokens, unreachable servers) is in tests/test_store_etcd.py.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -91,18 +92,13 @@ def _memory_backend() -> Iterator[Backend]:
 def _sqlite_backend(path: Path) -> Iterator[Backend]:
     clock = FakeClock()
 
-    def opened() -> SqliteStore:
-        # A short poll interval: watchers see other clients' writes and expired leases at once.
+    def opened() -> SqliteStore:  # short polls: watchers see changes and expiries at once
         return SqliteStore(path, clock=clock, poll_interval=0.01)
 
     @contextmanager
     def clients(count: int) -> Iterator[list[Store]]:
-        more = [opened() for _ in range(count)]  # connections of their own, as processes have
-        try:
-            yield list(more)
-        finally:
-            for store in more:
-                store.close()
+        with contextlib.ExitStack() as stack:  # connections of their own, as processes have
+            yield [stack.enter_context(opened()) for _ in range(count)]
 
     store = opened()
     try:

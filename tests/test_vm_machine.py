@@ -26,7 +26,7 @@ def argv_of(**kw: object) -> list[str]:
     spec = cluster_spec("7", [vm_plan(0, TINY), vm])
     fam = SharedMemory(Path("/run/vc/jobs/7/fam/fam"), 1 << 26) if vm.fam else None
     return build_argv(machine.vm_spec(spec, vm, FILES, accel="tcg",
-                                      tap_fds=[10 + n for n in range(len(vm.nics))], fam=fam))
+                                      nics=[10 + n for n in range(len(vm.nics))], fam=fam))
 
 
 def after(argv: list[str], flag: str) -> list[str]:
@@ -69,10 +69,10 @@ def test_disk_vm_boots_its_overlay_and_keeps_the_template_cpu() -> None:
 def test_taps_and_fam_must_match_the_plan() -> None:
     vm = vm_plan(0, TINY, nics=1)
     spec = cluster_spec("7", [vm])
-    with pytest.raises(ValueError, match="1 NICs but 0 taps"):
+    with pytest.raises(ValueError, match="1 NICs but 0 backends"):
         machine.vm_spec(spec, vm, FILES, accel="tcg")
     with pytest.raises(ValueError, match="FAM"):
-        machine.vm_spec(spec, vm, FILES, accel="tcg", tap_fds=[3],
+        machine.vm_spec(spec, vm, FILES, accel="tcg", nics=[3],
                         fam=SharedMemory(Path("/x"), 4096))
 
 

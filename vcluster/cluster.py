@@ -146,6 +146,7 @@ class ClusterSpec:
     plan: ClusterPlan
     vnis: dict[str, int] = field(default_factory=dict)  # private network -> its VXLAN id
     mode: str = "alloc"  # how it was submitted: alloc or batch
+    local: bool = False  # run by the local backend: its VMs are on this machine, no SLURM
 
 
 def mac_address(job: str, vm: int, nic: int) -> str:

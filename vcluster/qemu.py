@@ -137,11 +137,47 @@ def ivshmem_args(mem_path: PathLike, size: int, *, mem_id: str = "fam",
     ]
 
 
-def nic_args(fd: int, mac: str, *, net_id: str = "net0",
+@dataclass(frozen=True)
+class VdeSwitch:
+    """A port on a user-space Ethernet switch (``vde_switch -s SOCKET``): no root, no tap."""
+
+    socket: Path
+
+
+@dataclass(frozen=True)
+class UserNet:
+    """QEMU's user-mode NAT (slirp): the guest's address, its gateway, and ssh forwarded
+    from ``ssh_host:ssh_port`` on the host (127.0.0.1 only) to the guest's port 22."""
+
+    net: str = "10.0.2.0/24"
+    guest: str = "10.0.2.15"
+    gateway: str = "10.0.2.2"
+    dns: str = "10.0.2.3"
+    ssh_host: str = "127.0.0.1"
+    ssh_port: int | None = None
+
+
+NicBackend = int | VdeSwitch | UserNet  # an int is an open tap's file descriptor
+
+
+def netdev_option(backend: NicBackend, net_id: str) -> str:
+    """``-netdev``'s value for one NIC's backend."""
+    if isinstance(backend, VdeSwitch):
+        return options("vde", id=net_id, sock=backend.socket)
+    if isinstance(backend, UserNet):
+        forward = (f"tcp:{backend.ssh_host}:{backend.ssh_port}-:22"
+                   if backend.ssh_port is not None else None)
+        return options("user", id=net_id, net=backend.net, host=backend.gateway,
+                       dns=backend.dns, dhcpstart=backend.guest, hostfwd=forward)
+    return options("tap", id=net_id, fd=backend)
+
+
+def nic_args(backend: NicBackend, mac: str, *, net_id: str = "net0",
              model: str = "virtio-net-pci") -> list[str]:
-    """A NIC on a tap device the caller already opened (fd passed to QEMU)."""
+    """A NIC on a tap device the caller already opened (its fd passed to QEMU), a
+    user-space switch's port, or QEMU's user-mode NAT."""
     return [
-        "-netdev", options("tap", id=net_id, fd=fd),
+        "-netdev", netdev_option(backend, net_id),
         "-device", options(model, netdev=net_id, mac=mac),
     ]
 
@@ -166,7 +202,7 @@ class Disk:
 
 @dataclass(frozen=True)
 class Nic:
-    fd: int
+    backend: NicBackend
     mac: str
     model: str = "virtio-net-pci"
 
@@ -209,7 +245,7 @@ class VmSpec:
 
     def pass_fds(self) -> tuple[int, ...]:
         """The file descriptors QEMU must inherit (tap devices)."""
-        return tuple(nic.fd for nic in self.nics)
+        return tuple(nic.backend for nic in self.nics if isinstance(nic.backend, int))
 
 
 def build_argv(spec: VmSpec) -> list[str]:
@@ -232,7 +268,7 @@ def build_argv(spec: VmSpec) -> list[str]:
     if spec.seed is not None:
         argv += seed_args(spec.seed, interface=spec.seed_interface)
     for i, nic in enumerate(spec.nics):
-        argv += nic_args(nic.fd, nic.mac, net_id=f"net{i}", model=nic.model)
+        argv += nic_args(nic.backend, nic.mac, net_id=f"net{i}", model=nic.model)
     argv += serial_args(socket=spec.serial_socket, log=spec.serial_log)
     if spec.qmp_socket is not None:
         argv += qmp_args(spec.qmp_socket)

@@ -1,7 +1,8 @@
 """The client of the host agent, for the VM runner, the CLI and the SLURM scripts.
 
-Imports only the standard library and the agent's protocol (which imports
-the codec and the error tree): it is loaded in every VM runner.  Requests
+Imports only the standard library, the agent's protocol (which imports the
+codec and the error tree) and the NIC backends of ``vcluster.qemu``: it is
+loaded in every VM runner.  Requests
 and answers are the protocol's dataclasses::
 
     client = AgentClient(layout.agent_socket)      # vcluster.hostpaths.HostLayout
@@ -51,6 +52,7 @@ from vcluster.agent.protocol import (
     ReleaseAnswer,
     StatusAnswer,
 )
+from vcluster.qemu import NicBackend
 
 MAX_FDS = 64
 DEFAULT_TIMEOUT = 60.0
@@ -76,6 +78,13 @@ class VmDevices:
     taps: tuple[Tap, ...]
     fam: FamRegion | None
     workdir: Path  # the job's directory on this host, the user's, mode 0700
+    # A local cluster's NICs, one backend per network (a tap's fd, a user-space switch's
+    # port, QEMU's user-mode NAT); empty: every NIC is on its tap
+    ports: tuple[NicBackend, ...] = ()
+
+    def backends(self) -> tuple[NicBackend, ...]:
+        """What each NIC of the VM is plugged into, in the order of its networks."""
+        return self.ports or tuple(tap.fd for tap in self.taps)
 
     def close(self) -> None:
         """Close the tap file descriptors (once QEMU has inherited them)."""

@@ -91,9 +91,12 @@ def queued() -> list[QueuedJob]:
     """The user's vcluster jobs in SLURM's queue; none if SLURM cannot be asked (said at -v)."""
     import logging
 
+    from vcluster.cli.common import load_config
     from vcluster.errors import VclusterError
     from vcluster.launch.queue import queued_jobs
 
+    if load_config().batch.local:
+        return []  # no queue: a local cluster starts when it is asked for
     try:
         return queued_jobs()
     except VclusterError as e:
@@ -125,7 +128,8 @@ def pick_cluster(store: Store, keys: Keys, user: str, jobid: str | None,
 
 
 def with_store(ctx: click.Context) -> tuple[Store, Keys, str]:
-    """The user's store session, closed when the command ends."""
+    """The user's store session, closed when the command ends (on the local backend,
+    after removing what dead local launchers left)."""
     from vcluster.cli.common import load_config
     from vcluster.session import open_user_store
     from vcluster.store.keys import Keys
@@ -133,6 +137,11 @@ def with_store(ctx: click.Context) -> tuple[Store, Keys, str]:
     config = load_config()
     store = ctx.with_resource(_closing(open_user_store(config.batch)))
     from vcluster.identity import user_name
+
+    if config.batch.local:  # what killed local launchers left goes first
+        from vcluster.local.reconcile import reconcile
+
+        reconcile(store, config.batch)
 
     return store, Keys(config.batch.store.prefix), user_name()
 

@@ -35,8 +35,8 @@ def console(ctx: click.Context, jobid: str | None, jobname: str | None, show_log
         raise VclusterError(f"vm{index} of job {cluster.spec.job} has not started on a host "
                             f"yet (state: {record.state.value if record else 'unknown'})")
     job = cluster.spec.job
-    argv = overlap_argv(job, record.host)
-    if not show_log and sys.stdin.isatty():
+    argv = overlap_argv(job, record.host, local=cluster.spec.local)
+    if not show_log and sys.stdin.isatty() and not cluster.spec.local:
         argv.append("--pty")
     argv += [sys.executable, "-m", "vcluster", "internal", "console-attach", "--job", job,
              "--vm", str(index)]

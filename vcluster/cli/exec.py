@@ -101,7 +101,8 @@ def exec_command(ctx: click.Context, jobid: str | None, jobname: str | None, use
     from vcluster.launch.vmexec import VmCommand, run_in_vms, summary
 
     statuses = run_in_vms(VmCommand(cluster.spec.job, hosts, tuple(command), user=user,
-                                    timeout=timeout, names=len(indexes) > 1))
+                                    timeout=timeout, names=len(indexes) > 1,
+                                    local=cluster.spec.local))
     templates = {vm.index: vm.template for vm in cluster.spec.plan.vms}
     for i in indexes:
         if i not in statuses:

@@ -137,9 +137,9 @@ def save(ctx: click.Context, jobid: str | None, jobname: str | None, dest: str |
         state = record.state.value if record else "unknown"
         raise VclusterError(f"{plan.name} of job {job} is not running (state: {state})")
     root.mkdir(parents=True, exist_ok=True)
-    argv = [*overlap_argv(job, record.host), sys.executable, "-m", "vcluster", "internal",
-            "save", "--job", job, f"--vm={index}", f"--device={disk.device}",
-            f"--what={disk.what}", f"--dest={root}", f"--name={name}",
+    argv = [*overlap_argv(job, record.host, local=cluster.spec.local), sys.executable,
+            "-m", "vcluster", "internal", "save", "--job", job, f"--vm={index}",
+            f"--device={disk.device}", f"--what={disk.what}", f"--dest={root}", f"--name={name}",
             f"--max-depth={max_depth}", *(["--full"] if full or named else []),
             *(["--no-freeze"] if no_freeze else [])]
     if disk.base is not None and disk.repository is not None:

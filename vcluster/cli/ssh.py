@@ -153,6 +153,6 @@ def nc(ctx: click.Context, jobid: str | None, jobname: str | None, vm: str, port
     from vcluster.launch.overlap import overlap_argv, overlap_env
     from vcluster.run import spawn
 
-    argv = [*overlap_argv(job, record.host), sys.executable, "-m", "vcluster", "internal", "nc",
-            record.addresses[nat[0]], str(port)]
+    argv = [*overlap_argv(job, record.host, local=cluster.spec.local), sys.executable,
+            "-m", "vcluster", "internal", "nc", record.addresses[nat[0]], str(port)]
     raise SystemExit(spawn(argv, stdin=None, stdout=None, stderr=None, env=overlap_env()).wait())

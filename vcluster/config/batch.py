@@ -11,7 +11,7 @@ from vcluster.hostpaths import HostLayout
 from vcluster.schema.fields import Section
 from vcluster.schema.source import Node
 
-BACKENDS = ("slurm",)  # "local" comes with the single-machine mode
+BACKENDS = ("slurm", "local")
 STORE_BACKENDS = ("etcd", "sqlite")
 ACCELERATORS = ("auto", "kvm", "tcg")
 
@@ -33,10 +33,7 @@ class StoreConfig:
 
     def database(self) -> Path:
         """The sqlite database: ``path``, else ``$XDG_STATE_HOME/vcluster/store.db``."""
-        if self.path is not None:
-            return self.path
-        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        return Path(state) / "vcluster" / "store.db"
+        return self.path if self.path is not None else user_state_dir() / "store.db"
 
     def password(self) -> str | None:
         """Read the password file (kept out of this config, which users can read)."""
@@ -63,6 +60,29 @@ class Directories:
         return HostLayout(state=self.state, run=self.run)
 
 
+def user_state_dir() -> Path:
+    """A normal user's own state directory: ``$XDG_STATE_HOME/vcluster``."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "vcluster"
+
+
+def user_run_dir() -> Path:
+    """A normal user's own run directory: ``$XDG_RUNTIME_DIR/vcluster``, else
+    ``/tmp/vcluster-UID`` (made 0700 by whoever uses it first, and checked then)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir():
+        return Path(runtime) / "vcluster"
+    return Path(f"/tmp/vcluster-{os.getuid()}")
+
+
+def own_directories(dirs: Directories) -> Directories:
+    """The local backend's directories for the caller: a normal user's are their own
+    (rootless: no agent, nothing of root's), root's are the configured ones."""
+    if os.getuid() == 0:
+        return dirs
+    return Directories(state=user_state_dir(), run=user_run_dir(), images=dirs.images)
+
+
 @dataclass(frozen=True)
 class QemuConfig:
     binary: str = "qemu-system-x86_64"
@@ -81,6 +101,23 @@ class BatchConfig:
     directories: Directories = field(default_factory=Directories)
     qemu: QemuConfig = field(default_factory=QemuConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    embedded: bool = False  # no configuration files: the embedded default of one machine
+
+    @property
+    def local(self) -> bool:
+        """Whether clusters run on this machine alone (no SLURM)."""
+        return self.backend == "local"
+
+    @property
+    def rootless(self) -> bool:
+        """Local clusters of a normal user: no agent, nothing of root's."""
+        return self.local and os.getuid() != 0
+
+
+def embedded_batch() -> BatchConfig:
+    """The embedded default: the local backend, the sqlite store, the caller's directories."""
+    return BatchConfig(backend="local", store=StoreConfig(backend="sqlite"),
+                       directories=own_directories(Directories()), embedded=True)
 
 
 def _store(sec: Section, base: Path) -> StoreConfig:
@@ -150,4 +187,6 @@ def parse_batch(node: Node | None, path: Path) -> BatchConfig:
         images = ImagesConfig(max_depth=depth)
         sec.done()
     top.done()
+    if backend == "local":
+        dirs = own_directories(dirs)
     return BatchConfig(backend=backend, store=store, directories=dirs, qemu=qemu, images=images)

@@ -3,6 +3,10 @@
 ``batch.yaml``, ``networks.yaml`` and ``resources.yaml`` are site policy and
 are read from the system directory only; templates come from
 ``templates.yaml`` and ``templates.d/*.yaml`` of both directories.
+
+A system directory with none of these files (a machine nobody set up) gets
+the embedded default: the shipped samples' networks, resource sets and
+templates, with ``batch.backend: local`` and ``store.backend: sqlite``.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vcluster.config.batch import BatchConfig, parse_batch
-from vcluster.config.paths import system_dir, user_dir
+from vcluster.config.batch import BatchConfig, embedded_batch, parse_batch
+from vcluster.config.paths import sample_dir, system_dir, user_dir
 from vcluster.config.resolve import resolve_templates
 from vcluster.config.resources import ResourceSet, parse_networks, parse_resources
 from vcluster.config.templates import RawTemplate, Template, parse_templates
@@ -52,14 +56,27 @@ def _read_templates(directory: Path, level: str,
     return out
 
 
+SITE_FILES = ("batch.yaml", "networks.yaml", "resources.yaml", "templates.yaml")
+
+
+def is_embedded(system: Path) -> bool:
+    """No configuration at all in the system directory: the embedded default applies."""
+    return not any((system / name).is_file() for name in SITE_FILES) and not any(
+        (system / "templates.d").glob("*.yaml"))
+
+
 def load_batch(system: Path | None = None) -> BatchConfig:
     """This host's batch.yaml alone, for the parts that run on compute hosts.
 
     Unlike ``load_config`` (where a missing file means the defaults, handy on a
     machine that only browses templates), a host without batch.yaml is not
     set up for vcluster: say so rather than guess endpoints and directories.
+    A system directory with no configuration at all is the embedded default.
     """
-    path = (system or system_dir()) / "batch.yaml"
+    system = system or system_dir()
+    if is_embedded(system):
+        return embedded_batch()
+    path = system / "batch.yaml"
     if not path.is_file():
         raise ConfigError(None, "", f"{path}: no such file (this host is not configured for "
                           "vcluster)", "/etc/vcluster/batch.yaml, or $VCLUSTER_CONF naming its "
@@ -72,22 +89,27 @@ def load_config(system: Path | None = None, user: Path | None = None) -> Config:
     system = system or system_dir()
     user = user or user_dir()
     files: list[Path] = []
+    embedded = is_embedded(system)
+    site = sample_dir() if embedded else system
 
     def read(name: str) -> tuple[Path, object]:
-        path = system / name
+        path = site / name
         if path.is_file():
             files.append(path)
             return path, load_yaml(path)
         return path, None
 
-    batch_path, batch_node = read("batch.yaml")
-    batch = parse_batch(batch_node, batch_path)  # type: ignore[arg-type]
+    if embedded:
+        batch = embedded_batch()
+    else:
+        batch_path, batch_node = read("batch.yaml")
+        batch = parse_batch(batch_node, batch_path)  # type: ignore[arg-type]
     _, net_node = read("networks.yaml")
     networks = parse_networks(net_node)  # type: ignore[arg-type]
     _, res_node = read("resources.yaml")
     resource_sets = parse_resources(res_node, networks)  # type: ignore[arg-type]
-    levels = {"system": _read_templates(system, "system", files)}
-    if user.resolve() != system.resolve():
+    levels = {"system": _read_templates(site, "system", files)}
+    if user.resolve() != site.resolve():
         levels["user"] = _read_templates(user, "user", files)
     templates = resolve_templates(levels, resource_sets)
     return Config(batch, networks, resource_sets, templates, tuple(files))

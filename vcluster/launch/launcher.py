@@ -84,6 +84,7 @@ class LaunchOptions:
     stop_timeout: float | None = None  # guest power-down wait; None: the runners' defaults
     ready_timeout: float = 600.0  # the whole cluster must be ready by then
     verbose: bool = False
+    local: bool = False  # the local backend's: the VMs run on this machine, no SLURM
 
     def step_wait(self, plan: ClusterPlan) -> float:
         """How long the runners get to stop before the step is aborted."""
@@ -152,7 +153,8 @@ class Launcher:
         pair = sshkeys.generate(f"vcluster-job-{self.job}")
         spec = ClusterSpec(self.job, self.job_name, self.user, os.getuid(), time.time(),
                            pair.public, self.plan, vnis=dict(vnis),
-                           mode="alloc" if self.options.script is None else "batch")
+                           mode="alloc" if self.options.script is None else "batch",
+                           local=self.options.local)
         k = self.keys
         self.store.put(k.cluster_key(self.user, self.job, sshkeys.PRIVATE), pair.private)
         self.store.put(k.cluster_key(self.user, self.job, sshkeys.PUBLIC), pair.public)
@@ -326,7 +328,8 @@ class Launcher:
             vm0 = self.view.records[0]
             assert vm0.host is not None  # it is ready
             code = run_vm_script(self.job, vm0.host, script, self.plan.vms[0].template,
-                                 cancelled=lambda: self.cancellation.cancelled, out=self.out)
+                                 cancelled=lambda: self.cancellation.cancelled, out=self.out,
+                                 local=self.options.local)
             self.check_cancelled()
         else:
             proc = run_host_script(script, env, tmp)

@@ -39,10 +39,10 @@ def vm_script_argv(job: str, script: BatchScript) -> tuple[str, ...]:
 
 
 def run_vm_script(job: str, host: str, script: BatchScript, template: str, *,
-                  cancelled: Callable[[], bool], out: TextIO) -> int:
+                  cancelled: Callable[[], bool], out: TextIO, local: bool = False) -> int:
     """Run the script in vm0 (on ``host``) and wait for it; its exit status."""
     command = VmCommand(job, {host: [0]}, vm_script_argv(job, script),
-                        stdin=script.text.encode())
+                        stdin=script.text.encode(), local=local)
     statuses = run_in_vms(command, cancelled)
     status = statuses.get(0)
     if status is None:

@@ -37,12 +37,14 @@ class VmCommand:
     timeout: float | None = None  # seconds; status 124 after it
     names: bool = False  # ``vmN: `` before each line
     stdin: bytes | None = None  # all of every command's standard input
+    local: bool = False  # a local cluster's: run on this machine, no srun
 
 
 def exec_argv(command: VmCommand, host: str) -> list[str]:
     """``srun … vcluster internal exec …`` for the VMs of ``command`` on ``host``."""
-    return [*overlap_argv(command.job, host), sys.executable, "-m", "vcluster", "internal", "exec",
-            "--job", command.job, *(f"--vm={i}" for i in command.hosts[host]),
+    return [*overlap_argv(command.job, host, local=command.local), sys.executable,
+            "-m", "vcluster", "internal", "exec", "--job", command.job,
+            *(f"--vm={i}" for i in command.hosts[host]),
             *(["--user", command.user] if command.user else []),
             *([f"--timeout={command.timeout:g}"] if command.timeout else []),
             *(["--stdin"] if command.stdin is not None else []),

@@ -13,6 +13,8 @@ Everything lives under one configurable prefix (``store.prefix``, default
     <prefix>/users/<user>/clusters/<jobid>/spec        the resolved cluster definition
     <prefix>/users/<user>/clusters/<jobid>/vms/<i>     VmRecord
     <prefix>/users/<user>/clusters/<jobid>/keys/<name> per-cluster ssh key pair
+    <prefix>/local/next-job                            the local backend's next job id
+    <prefix>/local/jobs/<jobid>                        LocalJob: a local launcher and its VMs
 
 Methods named ``*_prefix`` return a prefix ending in ``/``, ready for
 ``get_prefix``/``watch_prefix`` and for etcd role permissions: the slash keeps
@@ -105,6 +107,18 @@ class Keys:
     def job_vni(self, jobid: str, network: str) -> str:
         """The VXLAN id the agents took for ``network`` of the job (its value: the id)."""
         return self.job_vnis_prefix(jobid) + check_component("network name", network)
+
+    # the local backend's jobs (one machine, no SLURM)
+    @property
+    def local_next_job(self) -> str:
+        return f"{self.prefix}/local/next-job"
+
+    @property
+    def local_jobs_prefix(self) -> str:
+        return f"{self.prefix}/local/jobs/"
+
+    def local_job(self, jobid: str) -> str:
+        return self.local_jobs_prefix + check_component("job id", jobid)
 
     # users and their clusters (each user's etcd role covers user_prefix)
     def user_prefix(self, user: str) -> str:

@@ -25,17 +25,28 @@ DETACH_HELP = "Ctrl-]"
 @click.option("--stop-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="How long a powered-down guest may take to stop before QEMU is told to "
                    "quit (default: 20 s, 1 s for tiny, which ignores the power button).")
+@click.option("--local", is_flag=True,
+              help="A local cluster: the devices its launcher made, and its agent's if "
+                   "--agent-socket names one (root's cluster).")
+@click.option("--agent-socket", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="The agent to ask for devices (default: the host's).")
 def vm(job: str, index: int, host: str | None, ready_timeout: float | None,
-       stop_timeout: float | None) -> None:
+       stop_timeout: float | None, local: bool, agent_socket: Path | None) -> None:
     """Run one VM of a cluster as this SLURM task, until the task is signalled.
 
     Publishes the VM's state (preparing, booting, ready, stopping, stopped or
     failed with a reason) under the cluster's keys in the store, and exits
     non-zero if the VM failed.
     """
+    import signal
+
+    from vcluster.cancel import STOP_SIGNALS
     from vcluster.config.loader import load_batch
     from vcluster.session import StoreOpening
 
+    # A local launcher starts its runners with the stop signals held back (as it starts
+    # srun): they are ours to handle.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     batch = load_batch()
     # The store logs in (etcd hashes the password) while the runner is imported.
     opening = StoreOpening(batch)
@@ -43,9 +54,18 @@ def vm(job: str, index: int, host: str | None, ready_timeout: float | None,
         from vcluster.vm.runner import Runner, RunnerOptions
 
         logging.getLogger("vcluster").setLevel(logging.INFO)
+        from vcluster.agent.client import AgentClient
+        from vcluster.vm.runner import DeviceSource
+        from vcluster.vm.userdevices import LocalDeviceSource
+
         options = RunnerOptions(job=job, index=index, host=host or socket.gethostname(),
                                 ready_timeout=ready_timeout, stop_timeout=stop_timeout)
-        code = Runner(options, batch, open_store=opening.result).run()
+        layout = batch.directories.layout
+        client = AgentClient(agent_socket or layout.agent_socket)
+        agent: DeviceSource = client
+        if local:
+            agent = LocalDeviceSource(layout, client if agent_socket else None)
+        code = Runner(options, batch, agent=agent, open_store=opening.result).run()
     finally:
         opening.close()  # only if the runner did not take it
     sys.exit(code)

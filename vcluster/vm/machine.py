@@ -3,7 +3,8 @@
 The root disk is the VM's overlay (``/dev/vda``, as the images' ``root=``
 expects), extra disks follow with their names as serial numbers (the guest
 finds them under /dev/disk/by-id/virtio-<name>), then the seed.  The FAM
-region is ivshmem-plain at the pinned slot, NICs are taps passed by fd, the
+region is ivshmem-plain at the pinned slot, NICs are taps passed by fd (or,
+rootless, user-space switch ports and user-mode NAT), the
 console a unix socket plus a log, QMP and the guest agent unix sockets; the
 template's qemu-args come last, so they can add to all of this.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from vcluster.cluster import ClusterSpec, VmPlan, mac_address
 from vcluster.hostpaths import VmFiles
-from vcluster.qemu import Disk, Nic, SharedMemory, VmSpec, default_cpu
+from vcluster.qemu import Disk, Nic, NicBackend, SharedMemory, VmSpec, default_cpu
 
 
 def disks(vm: VmPlan, files: VmFiles) -> tuple[Disk, ...]:
@@ -28,15 +29,16 @@ def disks(vm: VmPlan, files: VmFiles) -> tuple[Disk, ...]:
 
 
 def vm_spec(spec: ClusterSpec, vm: VmPlan, files: VmFiles, *, accel: str,
-            tap_fds: Sequence[int] = (), fam: SharedMemory | None = None,
+            nics: Sequence[NicBackend] = (), fam: SharedMemory | None = None,
             binary: str | None = None) -> VmSpec:
-    """The QEMU process of ``vm``: ``tap_fds`` in the order of ``vm.nics``."""
-    if len(tap_fds) != len(vm.nics):
-        raise ValueError(f"{vm.name} has {len(vm.nics)} NICs but {len(tap_fds)} taps were given")
+    """The QEMU process of ``vm``: ``nics``' backends in the order of ``vm.nics``."""
+    if len(nics) != len(vm.nics):
+        raise ValueError(f"{vm.name} has {len(vm.nics)} NICs but {len(nics)} backends "
+                         "were given")
     if (fam is None) != (vm.fam is None):
         raise ValueError(f"{vm.name}: a FAM region goes with a fam plan, and only with it")
-    nics = tuple(Nic(fd, mac_address(spec.job, vm.index, n), nic.model)
-                 for n, (fd, nic) in enumerate(zip(tap_fds, vm.nics, strict=True)))
+    devices = tuple(Nic(backend, mac_address(spec.job, vm.index, n), nic.model)
+                    for n, (backend, nic) in enumerate(zip(nics, vm.nics, strict=True)))
     return VmSpec(
         name=vm.name,
         accel=accel,
@@ -56,7 +58,7 @@ def vm_spec(spec: ClusterSpec, vm: VmPlan, files: VmFiles, *, accel: str,
         tools_qmp_socket=files.tools_qmp_socket,
         guest_agent_socket=files.guest_agent_socket,
         fam=fam,
-        nics=nics,
+        nics=devices,
         extra=vm.qemu_args,
     )
 

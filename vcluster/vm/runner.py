@@ -40,7 +40,7 @@ from vcluster.errors import VclusterError, VmError
 from vcluster.hostpaths import VmFiles
 from vcluster.identity import user_name
 from vcluster.lifecycle import VmState
-from vcluster.qemu import SharedMemory
+from vcluster.qemu import SharedMemory, UserNet
 from vcluster.seed import write_seed
 from vcluster.session import open_user_store
 from vcluster.store.base import Store
@@ -123,6 +123,21 @@ def reason(error: Exception) -> str:
         return one_line(str(error))
     log.debug("internal error", exc_info=error)
     return one_line(f"internal error: {type(error).__name__}: {error}")
+
+
+def nat_of(devices: VmDevices) -> tuple[dict[int, guest.NicAddress], SshEndpoint | None]:
+    """The addresses the host gave the VM's NAT NICs (by NIC index), and its ssh endpoint."""
+    given = {n: guest.NicAddress(t.nat.address, t.nat.gateway)
+             for n, t in enumerate(devices.taps) if t.nat is not None}
+    ssh = next((SshEndpoint(t.nat.ssh_address, t.nat.ssh_port) for t in devices.taps
+                if t.nat is not None and t.nat.ssh_address and t.nat.ssh_port), None)
+    for n, port in enumerate(devices.ports):
+        if isinstance(port, UserNet):
+            prefix = port.net.partition("/")[2]
+            given[n] = guest.NicAddress(f"{port.guest}/{prefix}", port.gateway)
+            if ssh is None and port.ssh_port is not None:
+                ssh = SshEndpoint(port.ssh_host, port.ssh_port)
+    return given, ssh
 
 
 class Runner:
@@ -223,20 +238,19 @@ class Runner:
         devices = self.agent.vm_resources(opts.job, opts.index, networks, fam)
         fds = stack.enter_context(contextlib.ExitStack())
         fds.callback(devices.close)
-        if len(devices.taps) != len(vm.nics) or (devices.fam is None) != (vm.fam is None):
+        backends = devices.backends()
+        if len(backends) != len(vm.nics) or (devices.fam is None) != (vm.fam is None):
             raise VmError("the agent's devices do not match the VM's plan "
-                          f"({len(devices.taps)} taps for {len(vm.nics)} NICs)")
-        log.info("%s: taps %s%s", self.name, ", ".join(t.ifname for t in devices.taps) or "none",
-                 f", FAM region {devices.fam.path}" if devices.fam else "")
+                          f"({len(backends)} NIC backends for {len(vm.nics)} NICs)")
+        log.info("%s: NICs %s%s", self.name, ", ".join(
+            t.ifname for t in devices.taps) or ", ".join(map(str, devices.ports)) or "none",
+            f", FAM region {devices.fam.path}" if devices.fam else "")
         files = VmFiles.of(devices.workdir, opts.index)
         make_vm_dir(files)
         stack.callback(remove_vm_files, files)
         self.cancellation.check(self.name)
         make_disks(vm, files)
-        given = {n: guest.NicAddress(t.nat.address, t.nat.gateway)
-                 for n, t in enumerate(devices.taps) if t.nat is not None}
-        ssh = next((SshEndpoint(t.nat.ssh_address, t.nat.ssh_port) for t in devices.taps
-                    if t.nat is not None and t.nat.ssh_address and t.nat.ssh_port), None)
+        given, ssh = nat_of(devices)
         host_key = sshkeys.generate(f"vcluster-{opts.job}-{self.name}")
         seed = guest.seed_files(spec, vm, given=given, host_key=host_key)
         write_seed(files.seed, meta_data=seed.meta_data, user_data=seed.user_data,
@@ -260,7 +274,7 @@ class Runner:
         self.cancellation.check(self.name)  # the last point before there is a QEMU to end
         fam = SharedMemory(devices.fam.path, devices.fam.size) if devices.fam else None
         qemu_spec = vm_spec(spec, vm, files, accel=accel.name,
-                            tap_fds=[t.fd for t in devices.taps], fam=fam)
+                            nics=devices.backends(), fam=fam)
         qmp = Qmp(files.qmp_socket, self.name)
         machine.callback(qmp.close)
         proc = self.start_qemu(qemu_spec, files)

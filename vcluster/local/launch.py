@@ -1,0 +1,111 @@
+"""Launching a local cluster: the launcher of ``vcluster.launch``, run here, on this machine.
+
+``run_local`` does what salloc and the SLURM prolog and epilog do around
+the launcher: reconcile what dead local launchers left, take a job id,
+record the job (``local.registry``), make its devices (root: serve the
+agent in-process; a normal user: ``local.rootless``), run the same
+``Launcher`` with this machine as its one host and ``LocalStep`` for its
+runners, and at the end, however it ends, release everything and forget
+the job.  A launcher killed outright loses its runners and QEMUs at once
+(``local.step``); the rest is for ``local.reconcile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
+
+from vcluster.cluster import ClusterPlan
+from vcluster.config.loader import Config
+from vcluster.errors import InputError
+from vcluster.identity import user_name
+from vcluster.launch.launcher import Launcher, LaunchOptions
+from vcluster.launch.placement import Allocation, Host, PlacementError, VmNeed, place
+from vcluster.launch.steps import StepStarter
+from vcluster.local import registry, rootless
+from vcluster.local.reconcile import policy_dir, reconcile
+from vcluster.local.step import LocalStep
+from vcluster.store import open_store
+from vcluster.store.keys import Keys
+
+
+class NoTunnels:
+    """The VXLAN ids of a local cluster's private networks: none, one host has no peers."""
+
+    def vnis(self, job: str, networks: Sequence[str]) -> dict[str, int]:
+        return {}
+
+
+def host_name() -> str:
+    return socket.gethostname().split(".", 1)[0]
+
+
+def allocation(cpus: int | None) -> Allocation:
+    """This machine as a one-host allocation: its CPUs, ``cpus`` per VM."""
+    return Allocation((Host(host_name(), os.cpu_count() or 1),), cpus or 1)
+
+
+def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name: str,
+              cpus: int | None) -> int:
+    """Run the cluster of ``plan`` on this machine until the user's part ends; its status."""
+    batch = config.batch
+    if (missing := rootless.missing_tools(plan)) is not None and batch.rootless:
+        raise InputError(missing)
+    here = allocation(cpus)
+    try:
+        place([VmNeed.of(vm) for vm in plan.vms], here)
+    except PlacementError as e:
+        raise PlacementError(f"{e} (this machine has {here.hosts[0].cpus} CPUs; ask for fewer "
+                             "VMs or fewer CPUs each with -c)") from None
+    keys = Keys(batch.store.prefix)
+    user = user_name()
+    store = open_store(batch.store)
+    try:
+        reconcile(store, batch)
+        job = registry.new_job_id(store, keys)
+        layout = batch.directories.layout
+        record = registry.own_record(job, user, name, batch.rootless, layout.run, layout.state)
+        registry.record(store, keys, record)
+        try:
+            with contextlib.ExitStack() as stack:
+                made = rootless.Made(layout, job, batch.rootless)
+                stack.callback(made.remove)
+                rootless.prepare(job, plan, layout, made, rootless=batch.rootless)
+                extra = ["--local"]
+                if batch.rootless:
+                    record = replace(record, switches=made.switch_pids())
+                    registry.record(store, keys, record)
+                else:
+                    from vcluster.agent import local as agent
+
+                    sock = stack.enter_context(agent.serving(
+                        batch, policy_dir(batch), store, job, user, len(plan.vms)))
+                    extra.append(f"--agent-socket={sock}")
+                start: StepStarter = partial(LocalStep, extra=extra)
+                launcher = Launcher(plan, store, prefix=batch.store.prefix, job=job,
+                                    job_name=name, options=options, allocation=here,
+                                    agent=NoTunnels(), start_step=start)
+                return launcher.run()
+        finally:
+            registry.forget(store, keys, record)
+    finally:
+        store.close()
+
+
+def local_alloc(definition: str, *, cpus: int | None, command: str | None,
+                stop_timeout: float | None, ready_timeout: float, verbose: bool) -> int:
+    """``vcluster alloc`` on the local backend."""
+    from vcluster.cluster import plan_cluster
+    from vcluster.config.loader import load_config
+
+    config = load_config()
+    plan = plan_cluster(config, definition, cpus_per_task=cpus)
+    options = LaunchOptions(command=command, stop_timeout=stop_timeout,
+                            ready_timeout=ready_timeout, verbose=verbose, local=True)
+    sys.stderr.flush()
+    return run_local(config, plan, options, name="vcluster", cpus=cpus)

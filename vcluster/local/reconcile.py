@@ -1,0 +1,95 @@
+"""What dead local launchers left: found by the next vcluster command, removed.
+
+A local job whose launcher is gone (``registry.alive``) while its record is
+still in the store was cut short: the launcher was killed before its own
+clean-up ran.  Its runners and QEMUs died with it (pdeathsig); what remains
+is removed here, in this order: any process of the caller's still working
+for the job (found by the job's directories on its command line, or its
+``--job`` as a runner's), the job's devices (root: the agent's release of
+its undo log; rootless: its run and work directories, the switches' sockets
+among them), its keys in the store, and last its record.  Every step is
+idempotent, so a reconcile that is itself cut short is finished by the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from vcluster.config.batch import BatchConfig
+from vcluster.config.paths import sample_dir, system_dir
+from vcluster.hostpaths import HostLayout
+from vcluster.local import registry
+from vcluster.local.registry import LocalJob
+from vcluster.local.rootless import remove_job_files
+from vcluster.store.base import Store
+from vcluster.store.keys import Keys
+
+log = logging.getLogger(__name__)
+
+
+def policy_dir(batch: BatchConfig) -> Path:
+    """Where the site's networks and resource sets are read from (the agent's policy)."""
+    return sample_dir() if batch.embedded else system_dir()
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def stragglers(job: LocalJob) -> list[int]:
+    """Processes of the caller's still working for ``job``: QEMUs, switches, runners."""
+    layout = HostLayout(state=job.state, run=job.run)
+    marks = (f"{layout.work_dir(job.job)}/", f"{layout.run_job(job.job)}/")
+    uid = os.getuid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat().st_uid != uid:
+                continue
+        argv = _cmdline(int(entry.name))
+        runner = "internal" in argv and "vm" in argv and f"--job={job.job}" in argv
+        if runner or any(mark in arg for arg in argv for mark in marks):
+            found.append(int(entry.name))
+    return found
+
+
+def release_dead(store: Store, batch: BatchConfig, job: LocalJob) -> None:
+    """Remove everything of ``job``, whose launcher is gone."""
+    for pid in stragglers(job):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            log.info("local job %s: killed pid %d, left by its launcher", job.job, pid)
+    remove_job_files(HostLayout(state=job.state, run=job.run), job.job, rootless=job.rootless)
+    if not job.rootless:
+        from vcluster.agent import local as agent
+
+        agent.release(batch, policy_dir(batch), store, job.job, job.user)
+    keys = Keys(batch.store.prefix)
+    store.delete_prefix(keys.cluster_prefix(job.user, job.job))
+    registry.forget(store, keys, job)
+
+
+def reconcile(store: Store, batch: BatchConfig) -> list[str]:
+    """Release every local job of the caller's whose launcher is gone; their ids."""
+    keys = Keys(batch.store.prefix)
+    released = []
+    for job in registry.jobs(store, keys):
+        if job.uid != os.getuid() or registry.alive(job):
+            continue
+        if not job.rootless and os.getuid() != 0:
+            continue  # root's devices: root's to release
+        release_dead(store, batch, job)
+        log.warning("local job %s: its launcher (pid %d) is gone; removed what it left",
+                    job.job, job.pid)
+        released.append(job.job)
+    return released
