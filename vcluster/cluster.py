@@ -249,7 +249,8 @@ def _nics(config: Config, t: Template, index: int, total: int) -> tuple[NicPlan,
     return tuple(nics)
 
 
-def _user_data(t: Template) -> str | None:
+def user_data_text(t: Template) -> str | None:
+    """The template's user-data as the guest gets it (a file's text, or inline YAML)."""
     import yaml
 
     if t.user_data is None:
@@ -303,7 +304,7 @@ def plan_cluster(config: Config, definition: str, *, cpus_per_task: int | None =
             nics=_nics(config, t, spec.index, len(specs)),
             fam=fam,
             disks=tuple(_disk(t, d, repos) for d in t.disks),
-            user_data=_user_data(t),
+            user_data=user_data_text(t),
             machine=t.machine,
             cpu_model=t.cpu_model,
             qemu_args=t.qemu_args,

@@ -65,6 +65,12 @@ def _options_help() -> str:
 @click.argument("words", nargs=-1, type=click.UNPROCESSED,
                 metavar="[DEFINITION] SCRIPT [ARGS...]")
 def batch(words: tuple[str, ...]) -> None:
-    from vcluster.launch.batch import submit_batch
+    from vcluster.cli.common import load_config
+    from vcluster.launch.batch import prepare_batch, submit_batch
 
-    raise SystemExit(submit_batch(list(words)))
+    request, job = prepare_batch(list(words))
+    if load_config().batch.local:
+        from vcluster.local.batch import submit_local_batch
+
+        raise SystemExit(submit_local_batch(request, job))
+    raise SystemExit(submit_batch(request, job))

@@ -9,6 +9,7 @@ import click
 from vcluster.cli.common import load_config, print_table
 
 if TYPE_CHECKING:
+    from vcluster.config.loader import Config
     from vcluster.config.templates import Template
 
 
@@ -98,5 +99,43 @@ def check(definition: str | None) -> None:
         click.echo(f"ok  {path}")
     click.echo(f"{len(config.templates)} templates, {len(config.resource_sets)} resource sets, "
                f"{len(config.networks)} networks")
+    validated = _validate_user_data(config)
+    if validated:
+        click.echo(validated)
     for vm in vms:
         click.echo(f"{vm.name}  {vm.template}")
+
+
+def _validate_user_data(config: Config) -> str | None:
+    """Check every template's cloud-config with ``cloud-init schema``, when it is here.
+
+    One line saying what was done (None: no template has user-data); an
+    InputError naming the template and its user-data for the first that fails.
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from vcluster.cluster import user_data_text
+    from vcluster.errors import InputError
+    from vcluster.run import run
+
+    texts = {name: text for name, t in config.templates.items()
+             if (text := user_data_text(t)) is not None and text.startswith("#cloud-config")}
+    if not texts:
+        return None
+    if shutil.which("cloud-init") is None:
+        return (f"user-data of {len(texts)} templates read as YAML only (cloud-init is not "
+                "installed here: its schema check is skipped)")
+    with tempfile.TemporaryDirectory(prefix="vcluster-check-") as tmp:
+        for name, text in texts.items():
+            path = Path(tmp) / f"{name}.yaml"
+            path.write_text(text)
+            result = run(["cloud-init", "schema", "--config-file", str(path)], check=False,
+                         timeout=60)
+            if result.returncode != 0:
+                said = " ".join(str(result.stderr or result.stdout).split())
+                where = config.templates[name].user_data
+                raise InputError(f"template {name!r}: user-data {where}: cloud-init schema: "
+                                 f"{said}")
+    return f"user-data of {len(texts)} templates valid (cloud-init schema)"

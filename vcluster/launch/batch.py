@@ -130,8 +130,8 @@ def _blame(request: BatchRequest, own: Sequence[str], refusal: str) -> VclusterE
     return VclusterError(f"sbatch refused the job: {refusal}")
 
 
-def submit_batch(words: Sequence[str]) -> int:
-    """``vcluster batch WORDS``: sbatch's exit status (with --wait, the job's)."""
+def prepare_batch(words: Sequence[str]) -> tuple[BatchRequest, BatchJob]:
+    """What ``vcluster batch WORDS`` asks for, every part of it checked."""
     from vcluster.cluster import plan_cluster
     from vcluster.config.loader import load_config
 
@@ -146,7 +146,12 @@ def submit_batch(words: Sequence[str]) -> int:
     job = BatchJob(plan, BatchScript(request.script.name, request.text, request.args,
                                      request.in_vm),
                    stop_timeout=request.stop_timeout, ready_timeout=request.ready_timeout)
-    own = own_options(request, plan)
+    return request, job
+
+
+def submit_batch(request: BatchRequest, job: BatchJob) -> int:
+    """Hand the job to sbatch: its exit status (with --wait, the job's)."""
+    own = own_options(request, job.plan)
     # sbatch's stderr is held back until it has submitted the job: a refusal becomes one line.
     with tempfile.TemporaryFile() as errors:
         proc = spawn(["sbatch", *request.sbatch, *own], stdin=subprocess.PIPE,

@@ -136,6 +136,21 @@ def _read(reader: OptionReader, words: Sequence[str], where: str) -> tuple[list[
     return given, rest
 
 
+def sbatch_given(d: Directive) -> list[Given]:
+    """The sbatch options of an ``#SBATCH`` line (read once already: they are valid)."""
+    return _read(SBATCH_READER, d.words, f"{d.where}: ")[0]
+
+
+def sbatch_of_sources(request: BatchRequest) -> list[tuple[str, Given]]:
+    """Every sbatch option of the request, with where it was given (a directive's line, or
+    "the command line"), in the order they apply."""
+    out = [(d.where, g) for d in request.sbatch_lines for g in sbatch_given(d)]
+    for where, options in request.sbatch_from:
+        for g in _read(SBATCH_READER, options, "")[0]:
+            out.append((where.where if where is not None else "the command line", g))
+    return out
+
+
 def _number(g: Given, where: str, minimum: float, what: str) -> float:
     try:
         value = float(g.value or "")

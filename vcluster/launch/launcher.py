@@ -54,6 +54,9 @@ STOP_MARGIN = 30.0  # seconds the runners get beyond the guests' power-down wait
 POLL = 0.2
 LATE_EVENTS = 1.0  # how long the last states of a step that ended may take to arrive
 STOPPED = "stopped the cluster"
+# Set, beside VCLUSTER_JOB_ID, for what a local cluster's launcher runs for the user: how
+# the processes a killed launcher left are found (vcluster.local.reconcile).
+LOCAL_JOB_VARIABLE = "VCLUSTER_LOCAL_JOB"
 
 
 class ClusterFailed(VclusterError):
@@ -298,6 +301,8 @@ class Launcher:
                                       callback=self._warn_if_lost),
               tempfile.TemporaryDirectory(prefix="vcluster-shell-") as tmp):
             env = dict(os.environ, VCLUSTER_JOB_ID=self.job)
+            if self.options.local:
+                env[LOCAL_JOB_VARIABLE] = self.job
             if self.options.script is not None:
                 return self._run_script(self.options.script, env, Path(tmp))
             shell = os.environ.get("SHELL") or "/bin/sh"

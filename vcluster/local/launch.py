@@ -51,8 +51,11 @@ def allocation(cpus: int | None) -> Allocation:
 
 
 def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name: str,
-              cpus: int | None) -> int:
-    """Run the cluster of ``plan`` on this machine until the user's part ends; its status."""
+              cpus: int | None, job: str | None = None) -> int:
+    """Run the cluster of ``plan`` on this machine until the user's part ends; its status.
+
+    ``job``: an id taken already (a batch job's, said when it was submitted).
+    """
     batch = config.batch
     if (missing := rootless.missing_tools(plan)) is not None and batch.rootless:
         raise InputError(missing)
@@ -67,7 +70,7 @@ def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name
     store = open_store(batch.store)
     try:
         reconcile(store, batch)
-        job = registry.new_job_id(store, keys)
+        job = job or registry.new_job_id(store, keys)
         layout = batch.directories.layout
         record = registry.own_record(job, user, name, batch.rootless, layout.run, layout.state)
         registry.record(store, keys, record)

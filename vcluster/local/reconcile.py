@@ -22,6 +22,7 @@ from pathlib import Path
 from vcluster.config.batch import BatchConfig
 from vcluster.config.paths import sample_dir, system_dir
 from vcluster.hostpaths import HostLayout
+from vcluster.launch.launcher import LOCAL_JOB_VARIABLE
 from vcluster.local import registry
 from vcluster.local.registry import LocalJob
 from vcluster.local.rootless import remove_job_files
@@ -44,22 +45,46 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def _ancestors() -> set[int]:
+    from vcluster.agent.local import parent_of
+
+    out, pid = set(), os.getpid()
+    while pid > 1:
+        out.add(pid)
+        pid = parent_of(pid) or 1
+    return out
+
+
+def _in_job_environment(pid: int, job: str) -> bool:
+    """Whether the process was started by ``job``'s launcher for the user (its shell, its
+    command, a batch script): VCLUSTER_LOCAL_JOB in its environment."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"{LOCAL_JOB_VARIABLE}={job}".encode() in environ
+
+
 def stragglers(job: LocalJob) -> list[int]:
-    """Processes of the caller's still working for ``job``: QEMUs, switches, runners."""
+    """Processes of the caller's still working for ``job``: QEMUs, switches, runners, and
+    what its launcher ran for the user (never this process or its ancestors)."""
     layout = HostLayout(state=job.state, run=job.run)
     marks = (f"{layout.work_dir(job.job)}/", f"{layout.run_job(job.job)}/")
     uid = os.getuid()
+    spared = _ancestors()
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in spared:
             continue
         with contextlib.suppress(OSError):
             if entry.stat().st_uid != uid:
                 continue
-        argv = _cmdline(int(entry.name))
+        pid = int(entry.name)
+        argv = _cmdline(pid)
         runner = "internal" in argv and "vm" in argv and f"--job={job.job}" in argv
-        if runner or any(mark in arg for arg in argv for mark in marks):
-            found.append(int(entry.name))
+        if runner or any(mark in arg for arg in argv for mark in marks) \
+                or _in_job_environment(pid, job.job):
+            found.append(pid)
     return found
 
 
