@@ -124,7 +124,9 @@ def build_image(recipe: Recipe, repo: Repository, *, name: str | None = None,
     parse_ref(name)
     if os.geteuid() != 0:
         raise ImageError("building images needs root (debootstrap, chroot, device nodes): "
-                         "run vcluster image build as root")
+                         f"run it as root, e.g. sudo vcluster image build {recipe.name}; "
+                         "root's builds go to the site repository, where every user's "
+                         "templates find them")
     why = not_root_only(repo.root)
     if why is not None:
         raise ImageError(f"--repo {repo.root}: {why}; root mounts and chroots in build roots "
