@@ -16,14 +16,13 @@ if TYPE_CHECKING:
 
 
 def default_repo() -> Path:
-    """The user's repository; for root, the site's (``directories.images`` of batch.yaml)."""
+    """The user's repository; for root, the site's (``directories.images`` of batch.yaml,
+    or of the embedded default when there is no configuration)."""
     if os.geteuid() == 0:
-        from vcluster.config.batch import parse_batch
-        from vcluster.schema.source import load_yaml
+        from vcluster.config.loader import is_embedded, load_batch
 
-        batch = system_dir() / "batch.yaml"
-        if batch.is_file():
-            return parse_batch(load_yaml(batch), batch).directories.images
+        if is_embedded(system_dir()) or (system_dir() / "batch.yaml").is_file():
+            return load_batch(system_dir()).directories.images
     return user_dir() / "images"
 
 

@@ -1,6 +1,6 @@
 """``vcluster batch`` on the local backend: the launcher in the background, as sbatch does.
 
-The job id is taken at once (``registry.new_job_id``) and said as sbatch
+The job id is taken at once (``Registry.new_job_id``) and said as sbatch
 says it (``Submitted batch job N``); the launcher then runs in a session of
 its own (``vcluster internal local-batch``: it survives the terminal), its
 output in ``vcluster-%j.out`` (``-o``/``-e`` name other files, with %j, %x
@@ -85,7 +85,8 @@ def submit_local_batch(request: BatchRequest, job: BatchJob) -> int:
         raise InputError(f"-D {chdir}: no such directory")
     name = options.get("job-name") or request.job_name or request.script.name
     with open_store(batch.store) as store:
-        jobid = registry.new_job_id(store, Keys(batch.store.prefix))
+        jobid = registry.Registry(store, Keys(batch.store.prefix),
+                                  batch.directories.layout).new_job_id()
     out_path = output_path(options.get("output") or DEFAULT_OUTPUT, jobid, name, chdir)
     error = options.get("error")
     err_path = output_path(error, jobid, name, chdir) if error else out_path

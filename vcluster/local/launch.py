@@ -70,10 +70,11 @@ def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name
     store = open_store(batch.store)
     try:
         reconcile(store, batch)
-        job = job or registry.new_job_id(store, keys)
         layout = batch.directories.layout
+        jobs = registry.Registry(store, keys, layout)
+        job = job or jobs.new_job_id()
         record = registry.own_record(job, user, name, batch.rootless, layout.run, layout.state)
-        registry.record(store, keys, record)
+        jobs.record(record)
         try:
             with contextlib.ExitStack() as stack:
                 made = rootless.Made(layout, job, batch.rootless)
@@ -82,7 +83,7 @@ def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name
                 extra = ["--local"]
                 if batch.rootless:
                     record = replace(record, switches=made.switch_pids())
-                    registry.record(store, keys, record)
+                    jobs.record(record)
                 else:
                     from vcluster.agent import local as agent
 
@@ -95,7 +96,7 @@ def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name
                                     agent=NoTunnels(), start_step=start)
                 return launcher.run()
         finally:
-            registry.forget(store, keys, record)
+            jobs.forget(record)
     finally:
         store.close()
 

@@ -88,7 +88,8 @@ def stragglers(job: LocalJob) -> list[int]:
     return found
 
 
-def release_dead(store: Store, batch: BatchConfig, job: LocalJob) -> None:
+def release_dead(store: Store, batch: BatchConfig, jobs: registry.Registry,
+                 job: LocalJob) -> None:
     """Remove everything of ``job``, whose launcher is gone."""
     for pid in stragglers(job):
         with contextlib.suppress(ProcessLookupError):
@@ -99,21 +100,20 @@ def release_dead(store: Store, batch: BatchConfig, job: LocalJob) -> None:
         from vcluster.agent import local as agent
 
         agent.release(batch, policy_dir(batch), store, job.job, job.user)
-    keys = Keys(batch.store.prefix)
-    store.delete_prefix(keys.cluster_prefix(job.user, job.job))
-    registry.forget(store, keys, job)
+    store.delete_prefix(jobs.keys.cluster_prefix(job.user, job.job))
+    jobs.forget(job)
 
 
 def reconcile(store: Store, batch: BatchConfig) -> list[str]:
     """Release every local job of the caller's whose launcher is gone; their ids."""
-    keys = Keys(batch.store.prefix)
+    jobs = registry.Registry(store, Keys(batch.store.prefix), batch.directories.layout)
     released = []
-    for job in registry.jobs(store, keys):
+    for job in jobs.jobs():
         if job.uid != os.getuid() or registry.alive(job):
             continue
         if not job.rootless and os.getuid() != 0:
             continue  # root's devices: root's to release
-        release_dead(store, batch, job)
+        release_dead(store, batch, jobs, job)
         log.warning("local job %s: its launcher (pid %d) is gone; removed what it left",
                     job.job, job.pid)
         released.append(job.job)

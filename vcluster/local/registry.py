@@ -1,7 +1,8 @@
 """Local jobs: their ids, from the store, and whether their launcher still lives.
 
-A local job is recorded under ``local/jobs/<id>`` (``LocalJob``) before
-anything of it is made, and deleted once everything is gone.  Its launcher
+A local job is recorded under ``local/jobs/<id>`` (``LocalJob``), and in
+``<state>/local/<id>.json``, before anything of it is made, and both are
+deleted once everything is gone.  Its launcher
 is named by pid and the kernel's start time of that pid (``/proc/PID/stat``,
 field 22), so a pid reused by another process is not taken for it.  Ids
 come from a counter (``local/next-job``) raised by compare-and-swap, so two
@@ -10,18 +11,22 @@ launchers starting at once never share one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vcluster import codec
+from vcluster import codec, files
 from vcluster.codec import CodecError
 from vcluster.errors import StoreError
-from vcluster.store.base import Delete, Put, Store, absent, value_is
+from vcluster.hostpaths import HostLayout
+from vcluster.store.base import Put, Store, absent
 from vcluster.store.keys import Keys
 
 FIRST_JOB = 1
 CAS_ROUNDS = 100
+CLAIM_WAIT = 60.0  # seconds an id may stay claimed without a record
 
 
 @dataclass(frozen=True)
@@ -41,13 +46,16 @@ class LocalJob:
 
 
 def start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks after boot), None if it is gone."""
+    """The kernel's start time of ``pid`` (clock ticks after boot), None if it is gone
+    (or a zombie)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: split after it.
     fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None  # dead, waiting to be reaped (which may take a while)
     return int(fields[19])  # field 22 of the whole line
 
 
@@ -56,40 +64,80 @@ def alive(job: LocalJob) -> bool:
     return start_time(job.pid) == job.started
 
 
-def new_job_id(store: Store, keys: Keys) -> str:
-    """The next local job id (``1``, ``2``, ...), taken by compare-and-swap."""
-    key = keys.local_next_job
-    for _ in range(CAS_ROUNDS):
-        entry = store.get(key)
-        if entry is None:
-            if store.txn([absent(key)], [Put(key, str(FIRST_JOB + 1))]).succeeded:
-                return str(FIRST_JOB)
-            continue
-        if store.replace(key, entry.value, str(int(entry.value) + 1)):
-            return entry.value
-    raise StoreError(f"could not take a local job id at {key} after {CAS_ROUNDS} tries "
-                     "(too many launchers at once?)")
+class Registry:
+    """The local jobs of one machine's layout: in the store and, beside it, on disk.
 
+    The disk copy (``<state>/local/<job>.json``) is what reconcile trusts: a
+    store can be lost (another HOME, a deleted file) while the job's devices
+    and undo log stay on the machine.  Ids come from the store's counter, but
+    one is taken only once its file could be made exclusively, and never while
+    the machine still has an undo log or a work directory of it.
+    """
 
-def record(store: Store, keys: Keys, job: LocalJob) -> None:
-    store.put(keys.local_job(job.job), codec.to_json(job))
+    def __init__(self, store: Store, keys: Keys, layout: HostLayout) -> None:
+        self.store = store
+        self.keys = keys
+        self.layout = layout
+        self.dir = layout.state / "local"
 
+    def file(self, job: str) -> Path:
+        return self.dir / f"{job}.json"
 
-def jobs(store: Store, keys: Keys) -> list[LocalJob]:
-    """Every local job the store knows of (unreadable records are skipped)."""
-    out = []
-    for entry in store.get_prefix(keys.local_jobs_prefix):
-        try:
-            out.append(codec.from_json(LocalJob, entry.value, what=entry.key))
-        except CodecError:
-            continue
-    return out
+    def _counter(self) -> str:
+        key = self.keys.local_next_job
+        for _ in range(CAS_ROUNDS):
+            entry = self.store.get(key)
+            if entry is None:
+                if self.store.txn([absent(key)], [Put(key, str(FIRST_JOB + 1))]).succeeded:
+                    return str(FIRST_JOB)
+                continue
+            if self.store.replace(key, entry.value, str(int(entry.value) + 1)):
+                return entry.value
+        raise StoreError(f"could not take a local job id at {key} after {CAS_ROUNDS} tries "
+                         "(too many launchers at once?)")
 
+    def new_job_id(self) -> str:
+        """The next free local job id (``1``, ``2``, ...), claimed on disk."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for _ in range(CAS_ROUNDS):
+            job = self._counter()
+            if self.layout.undo_dir(job).exists() or self.layout.work_dir(job).exists():
+                continue  # something of an earlier job of that id is still here
+            try:
+                os.close(os.open(self.file(job), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                continue
+            return job
+        raise StoreError(f"no free local job id after {CAS_ROUNDS} tries (see {self.dir})")
 
-def forget(store: Store, keys: Keys, job: LocalJob) -> None:
-    """Delete the record, if it is still the one we read."""
-    store.txn([value_is(keys.local_job(job.job), codec.to_json(job))],
-              [Delete(keys.local_job(job.job))])
+    def record(self, job: LocalJob) -> None:
+        text = codec.to_json(job)
+        files.write_atomically(self.file(job.job), text)
+        self.store.put(self.keys.local_job(job.job), text)
+
+    def jobs(self) -> list[LocalJob]:
+        """Every local job recorded on disk or in the store (unreadable records skipped;
+        an id claimed a minute ago and never recorded is let go)."""
+        found: dict[str, LocalJob] = {}
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            with contextlib.suppress(OSError, CodecError):
+                text = path.read_text()
+                if not text and time.time() - path.stat().st_mtime > CLAIM_WAIT:
+                    path.unlink()
+                    continue
+                if text:
+                    job = codec.from_json(LocalJob, text, what=str(path))
+                    found[job.job] = job
+        for entry in self.store.get_prefix(self.keys.local_jobs_prefix):
+            with contextlib.suppress(CodecError):
+                job = codec.from_json(LocalJob, entry.value, what=entry.key)
+                found.setdefault(job.job, job)
+        return list(found.values())
+
+    def forget(self, job: LocalJob) -> None:
+        self.store.delete(self.keys.local_job(job.job))
+        with contextlib.suppress(FileNotFoundError):
+            self.file(job.job).unlink()
 
 
 def own_record(job: str, user: str, name: str, rootless: bool, run: Path,
