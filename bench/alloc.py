@@ -18,7 +18,11 @@ under /var/tmp and always tears it down.  Each run measures, side by side:
       and the epilog's line logged (the agent's release, store keys included, is
       done when the epilog logs it).  Polled every 50 ms.
 
-    python3 bench/alloc.py [--runs 5] [--spread-runs 3] [--images DIR] [--timeout 60]
+Then (first, in fact) the local backend: tiny:1 on this machine alone, no SLURM, next to
+the same bare boot (bench/localalloc.py).
+
+    python3 bench/alloc.py [--runs 5] [--spread-runs 3] [--local-runs 5] [--images DIR]
+                           [--timeout 60]
 """
 
 from __future__ import annotations
@@ -459,6 +463,9 @@ def main() -> None:
                         help="runs of tiny:1 on one host (default 5)")
     parser.add_argument("--spread-runs", type=int, default=3,
                         help="runs of tiny:3 over three hosts (default 3; 0: none)")
+    parser.add_argument("--local-runs", type=int, default=5,
+                        help="runs of tiny:1 on the local backend, no SLURM (default 5; 0: "
+                             "none)")
     parser.add_argument("--images", type=Path, default=None,
                         help="the image repository holding tiny (default "
                              "$VCLUSTER_TEST_IMAGES or /var/cache/vcluster-test/images)")
@@ -483,6 +490,10 @@ def main() -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, _terminate)
     try:
+        if args.local_runs > 0:
+            from bench.localalloc import bench_local
+
+            bench_local(images, args.local_runs, args.timeout)
         with sandbox(images, ONE_HOST.hosts) as box:
             bench(box, ONE_HOST, args.runs, args.timeout)
         if args.spread_runs > 0:

@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.qemu, pytest.mark.images]
 CAROL = "vclt-carol"
 SHARE = ("vcluster exec vm0 -- fam write 8 0x0badcafe && "
          "echo \"vm1 read: $(vcluster exec vm1 -- fam read 8)\" && "
-         "vcluster exec vm0 -- ping -c 2 -W 5 10.200.0.2 && vcluster ps -l")
+         "vcluster exec vm0 -- ping -c 2 -W 5 10.200.0.2 && vcluster ps -l && "
+         "echo \"ssh: $(vcluster ssh vm1 -- hostname)\"")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,7 @@ def test_a_local_cluster_shares_its_fam_region_and_network_and_leaves_nothing(
     assert "vm1 read: 0x0BADCAFE" in done.stdout, out
     assert "2 packets transmitted, 2 received" in done.stdout, out
     assert "2 VMs ready in" in done.stderr
+    assert "ssh: vm1" in done.stdout, out
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("vm")]
     vms = {words[0]: words for words in lines if len(words) >= 4 and words[2] == "ready"}
     assert set(vms) == {"vm0", "vm1"}, out

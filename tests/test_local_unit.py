@@ -1,0 +1,85 @@
+"""The local backend's pure parts: job ids and records, sbatch's words, the caller's kin."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vcluster.agent.local import LocalQueries, descends_from
+from vcluster.errors import InputError
+from vcluster.hostpaths import HostLayout
+from vcluster.launch.batchargs import read_request
+from vcluster.local import registry
+from vcluster.local.batch import local_sbatch, output_path
+from vcluster.store import MemoryStore
+from vcluster.store.keys import Keys
+
+KEYS = Keys("/vcluster")
+
+
+def test_job_ids_count_up_and_skip_what_is_still_on_disk(tmp_path: Path) -> None:
+    layout = HostLayout(state=tmp_path / "state", run=tmp_path / "run")
+    with MemoryStore() as store:
+        jobs = registry.Registry(store, KEYS, layout)
+        assert [jobs.new_job_id() for _ in range(2)] == ["1", "2"]
+        layout.undo_dir("3").mkdir(parents=True)  # an undo log of a job 3 of another store
+        (layout.state / "local" / "4.json").write_text("{}")  # an id claimed already
+        assert jobs.new_job_id() == "5"
+        record = registry.own_record("5", "alice", "vcluster", True, layout.run, layout.state)
+        jobs.record(record)
+        assert jobs.file("5").is_file() and store.get(KEYS.local_job("5")) is not None
+        assert [j.job for j in jobs.jobs()] == ["5"] and registry.alive(record)
+        store.delete(KEYS.local_job("5"))  # a lost store: the disk copy still tells
+        assert [j.job for j in jobs.jobs()] == ["5"]
+        jobs.forget(record)
+        assert jobs.jobs() == [] and not jobs.file("5").exists()
+
+
+def test_a_dead_or_reaped_launcher_is_not_alive() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = registry.start_time(proc.pid)
+    assert started is not None
+    record = registry.LocalJob("1", "alice", os.getuid(), proc.pid, started, "x", True,
+                               Path("/run"), Path("/state"))
+    proc.wait()
+    assert not registry.alive(record)
+    assert not registry.alive(registry.LocalJob("1", "a", 0, os.getpid(), started + 1, "x",
+                                                True, Path("/r"), Path("/s")))  # pid reused
+
+
+def test_the_local_agent_knows_the_launchers_descendants_only() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        assert descends_from(child.pid, os.getpid())
+        assert not descends_from(os.getpid(), child.pid)
+        queries = LocalQueries("here", "7", os.getpid(), os.getuid(), "alice", 2)
+        assert queries.job_of_pid(child.pid) == "7"
+        assert queries.job_of_pid(1) is None
+        info = queries.job("7")
+        assert info is not None and info.tasks == 2 and info.state == "RUNNING"
+        assert queries.job("8") is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_output_file_patterns_are_sbatchs() -> None:
+    assert output_path("vcluster-%j.out", "12", "job.sh", Path("/w")) == Path(
+        "/w/vcluster-12.out")
+    assert output_path("/tmp/%x-%j-%%.log", "3", "famjob", Path("/w")) == Path(
+        "/tmp/famjob-3-%.log")
+
+
+def test_only_the_sbatch_options_that_mean_something_here_are_taken(tmp_path: Path) -> None:
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\n#VCLUSTER tiny:1\n#SBATCH -J named\n#SBATCH -o out-%j\n"
+                      "true\n")
+    taken = local_sbatch(read_request([str(script)]))
+    assert taken == {"job-name": "named", "output": "out-%j"}
+    script.write_text("#!/bin/sh\n#VCLUSTER tiny:1\n#SBATCH -t 30\ntrue\n")
+    with pytest.raises(InputError, match=r"job.sh:3: #SBATCH -t 30: -t 30: the local backend"):
+        local_sbatch(read_request([str(script)]))
