@@ -2,8 +2,8 @@
 
 Every test user (root, or a unix user made for the module) gets a HOME of
 its own under a fresh directory of /tmp (reachable by that user), an empty
-``VCLUSTER_CONF`` directory (the embedded default applies) and, as its user
-image repository, a link to the test images.  ``leftovers`` lists what of a
+``VCLUSTER_CONF`` directory (the embedded default applies) and a user image
+repository of its own holding links to the test images.  ``leftovers`` lists what of a
 local job could remain on this machine: processes, network devices, files
 and sockets under the user's directories, store rows.
 """
@@ -76,10 +76,12 @@ def local_user(name: str = "root") -> Iterator[LocalUser]:
     base = Path(tempfile.mkdtemp(prefix="vcl-local-", dir="/tmp"))
     base.chmod(0o755)
     home, conf = base / "home", base / "conf"
-    (home / ".vcluster").mkdir(parents=True)
+    repo = home / ".vcluster" / "images"
+    repo.mkdir(parents=True)
     conf.mkdir()
-    (home / ".vcluster" / "images").symlink_to(images_dir())
-    for path in (home, home / ".vcluster", conf):
+    for image in images_dir().iterdir():  # the test images, in a repository of the user's
+        (repo / image.name).symlink_to(image)
+    for path in (home, home / ".vcluster", repo, conf):
         os.chown(path, entry.pw_uid, entry.pw_gid)
     try:
         yield LocalUser(name, entry.pw_uid, home, conf)

@@ -135,6 +135,29 @@ def test_a_local_batch_job_runs_its_script_and_returns_its_status(carol: LocalUs
     assert refused.stderr.count("\n") == 1
 
 
+DATA_MARK = "vcluster-local-save"
+
+
+def test_save_keeps_a_local_vms_disk_and_a_new_cluster_starts_from_it(carol: LocalUser
+                                                                       ) -> None:
+    templates = carol.home / ".vcluster" / "templates.yaml"
+    templates.write_text("tinyd:\n  inherits: tiny\n  disks: [{name: data, size: 16M}]\n"
+                         "tinydata:\n  inherits: tiny\n"
+                         "  disks: [{name: data, image: user:data}]\n")
+    os.chown(templates, carol.uid, -1)
+    write = (f"vcluster exec vm0 -- sh -c 'printf {DATA_MARK} | dd of=/dev/vda bs=512 "
+             "seek=100 conv=fsync 2>/dev/null' && vcluster save -i data -d user:data vm0")
+    done = carol.run("alloc", "-E", write, "tinyd")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (carol.home / ".vcluster" / "images" / "data" / "0" / "image.json").is_file()
+    read = (f"vcluster exec vm0 -- sh -c 'dd if=/dev/vda bs=512 skip=100 count=1 "
+            f"2>/dev/null | head -c {len(DATA_MARK)}'")
+    again = carol.run("alloc", "-E", read, "tinydata")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.strip() == DATA_MARK, again.stdout
+    assert leftovers(carol) == []
+
+
 def test_doctor_says_kvm_is_unusable_here_within_10_s(root: LocalUser) -> None:
     started = time.monotonic()
     done = root.run("doctor", timeout=30)

@@ -22,6 +22,10 @@ console are printed, the cluster is stopped and alloc exits non-zero. In the
 shell, VCLUSTER_JOB_ID names the cluster for vcluster ps/console; when the
 shell exits the VMs are stopped and alloc exits with the shell's status.
 
+On the local backend (batch.backend: local, the embedded default when there
+is no /etc/vcluster) the cluster runs on this machine, without SLURM: root's
+with taps and bridges, a normal user's rootless; SLURM options are refused.
+
 \b
 Examples:
   vcluster alloc -c 2 tiny-fam:2

@@ -36,6 +36,11 @@ images, networks and every directive (a bad one is one line naming the
 script, its line and the directive; exit 2, nothing submitted). vcluster ps
 lists batch clusters, pending ones too; scancel ends one and leaves nothing.
 
+On the local backend (batch.backend: local, the embedded default when there
+is no /etc/vcluster) the job runs on this machine, in the background: its
+output goes to vcluster-%j.out; of sbatch's options only -o, -e, -J, -D, -c,
+--wait and --comment are taken.
+
 \b
 Examples:
   vcluster batch job.sh

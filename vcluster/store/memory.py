@@ -48,7 +48,6 @@ from vcluster.store.base import (
     Op,
     Put,
     Snapshot,
-    Store,
     StoreClosed,
     TxnResult,
     Watch,
@@ -57,6 +56,7 @@ from vcluster.store.base import (
 from vcluster.store.rules import (
     CANCEL_WAIT,
     DEFAULT_MIN_TTL,
+    FedStore,
     FedWatch,
     check_compare,
     check_grant,
@@ -80,7 +80,7 @@ class _Lease:
     keys: set[str] = field(default_factory=set)
 
 
-class MemoryStore(Store):
+class MemoryStore(FedStore):
     """The Store interface held in this process's memory (see the module docstring)."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
@@ -191,16 +191,6 @@ class MemoryStore(Store):
             self._drop_history(revision)
 
     # ------------------------------------------------------------ watches
-
-    def watch_prefix(self, prefix: str, *, start_revision: int | None = None,
-                     callback: Callable[[WatchEvent], None] | None = None,
-                     on_error: Callable[[StoreError], None] | None = None) -> Watch:
-        return self._watch(prefix, True, start_revision, callback, on_error)
-
-    def watch(self, key: str, *, start_revision: int | None = None,
-              callback: Callable[[WatchEvent], None] | None = None,
-              on_error: Callable[[StoreError], None] | None = None) -> Watch:
-        return self._watch(key, False, start_revision, callback, on_error)
 
     def _watch(self, key: str, prefix: bool, start_revision: int | None,
                callback: Callable[[WatchEvent], None] | None,

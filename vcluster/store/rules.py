@@ -11,11 +11,12 @@ from __future__ import annotations
 import operator
 import queue
 import threading
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from vcluster.errors import StoreError
-from vcluster.store.base import Compare, Delete, Entry, Op, Put, Watch, WatchEvent
+from vcluster.store.base import Compare, Delete, Entry, Op, Put, Store, Watch, WatchEvent
 
 MAX_TXN_OPS = 128  # etcd's --max-txn-ops default
 MAX_LEASE_TTL = 9_000_000_000  # etcd's MaxLeaseTTL, in seconds
@@ -152,3 +153,23 @@ class FedWatch(Watch):
         self._pending.put(None)  # events offered before this are still delivered
         if threading.current_thread() is not self._thread and self._thread.is_alive():
             self._thread.join(CANCEL_WAIT)
+
+
+class FedStore(Store):
+    """A Store whose watches its ``_watch`` makes (both embedded backends)."""
+
+    def watch_prefix(self, prefix: str, *, start_revision: int | None = None,
+                     callback: Callable[[WatchEvent], None] | None = None,
+                     on_error: Callable[[StoreError], None] | None = None) -> Watch:
+        return self._watch(prefix, True, start_revision, callback, on_error)
+
+    def watch(self, key: str, *, start_revision: int | None = None,
+              callback: Callable[[WatchEvent], None] | None = None,
+              on_error: Callable[[StoreError], None] | None = None) -> Watch:
+        return self._watch(key, False, start_revision, callback, on_error)
+
+    @abstractmethod
+    def _watch(self, key: str, prefix: bool, start_revision: int | None,
+               callback: Callable[[WatchEvent], None] | None,
+               on_error: Callable[[StoreError], None] | None) -> Watch:
+        """Watch ``key`` (or every key under it, with ``prefix``)."""

@@ -46,7 +46,6 @@ from vcluster.store.base import (
     Op,
     Put,
     Snapshot,
-    Store,
     StoreClosed,
     TxnResult,
     Watch,
@@ -55,6 +54,7 @@ from vcluster.store.base import (
 from vcluster.store.rules import (
     CANCEL_WAIT,
     DEFAULT_MIN_TTL,
+    FedStore,
     FedWatch,
     check_compare,
     check_grant,
@@ -109,7 +109,7 @@ def _entry(row: tuple[str, str, int, int, int, int]) -> Entry:
     return Entry(*row)
 
 
-class SqliteStore(Store):
+class SqliteStore(FedStore):
     """The Store interface on a sqlite3 database file (see the module docstring)."""
 
     def __init__(self, path: Path, *, timeout: float = 5.0,
@@ -397,16 +397,6 @@ class SqliteStore(Store):
         self._write("compact history up to", str(revision), body)
 
     # ------------------------------------------------------------ watches
-
-    def watch_prefix(self, prefix: str, *, start_revision: int | None = None,
-                     callback: Callable[[WatchEvent], None] | None = None,
-                     on_error: Callable[[StoreError], None] | None = None) -> Watch:
-        return self._watch(prefix, True, start_revision, callback, on_error)
-
-    def watch(self, key: str, *, start_revision: int | None = None,
-              callback: Callable[[WatchEvent], None] | None = None,
-              on_error: Callable[[StoreError], None] | None = None) -> Watch:
-        return self._watch(key, False, start_revision, callback, on_error)
 
     def _watch(self, key: str, prefix: bool, start_revision: int | None,
                callback: Callable[[WatchEvent], None] | None,
