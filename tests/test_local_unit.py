@@ -80,6 +80,38 @@ def test_only_the_sbatch_options_that_mean_something_here_are_taken(tmp_path: Pa
                       "true\n")
     taken = local_sbatch(read_request([str(script)]))
     assert taken == {"job-name": "named", "output": "out-%j"}
+    script.write_text("#!/bin/sh\n#VCLUSTER tiny:1\n#SBATCH --comment=mine\ntrue\n")
+    assert local_sbatch(read_request([str(script)])) == {"comment": "mine"}
     script.write_text("#!/bin/sh\n#VCLUSTER tiny:1\n#SBATCH -t 30\ntrue\n")
     with pytest.raises(InputError, match=r"job.sh:3: #SBATCH -t 30: -t 30: the local backend"):
         local_sbatch(read_request([str(script)]))
+
+
+def test_the_comment_is_kept_in_the_jobs_record(tmp_path: Path) -> None:
+    layout = HostLayout(state=tmp_path / "state", run=tmp_path / "run")
+    with MemoryStore() as store:
+        jobs = registry.Registry(store, KEYS, layout)
+        record = registry.own_record(jobs.new_job_id(), "alice", "job.sh", True, layout.run,
+                                     layout.state, "mine")
+        jobs.record(record)
+        assert [j.comment for j in jobs.jobs()] == ["mine"]
+        jobs.forget(record)
+
+
+def test_a_held_runner_ends_at_once_when_its_launcher_never_says_go(tmp_path: Path) -> None:
+    """The launcher starts the runners before it records the cluster; one that fails
+    before that closes their stdin: they end, publishing nothing."""
+    (tmp_path / "conf").mkdir()
+    env = {"HOME": str(tmp_path), "VCLUSTER_CONF": str(tmp_path / "conf"),
+           "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_RUNTIME_DIR": str(tmp_path),
+           "PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
+    done = subprocess.run([sys.executable, "-m", "vcluster", "internal", "vm", "--job=1",
+                           "--vm=0", "--host=here", "--local", "--held"], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    database = tmp_path / "state" / "vcluster" / "store.db"
+    if database.exists():  # the runner opened the store while it was held
+        from vcluster.store.sqlite import SqliteStore
+
+        with SqliteStore(database) as store:
+            assert store.get_prefix("/").values() == {}

@@ -99,6 +99,14 @@ class HostLayout:
         """The job's directory in the run directory (root's, 0711): its FAM directory."""
         return self.run_jobs / job
 
+    def local_agent_socket(self, job: str) -> Path:
+        """Where the launcher of local ``job`` serves its agent (root's local cluster)."""
+        return self.run / f"local-{job}.sock"
+
+    def local_devices(self, job: str) -> Path:
+        """The devices the launcher of local ``job`` made for its runners (``vm.userdevices``)."""
+        return self.run / f"local-{job}.json"
+
     def fam_dir(self, job: str) -> Path:
         return self.run_job(job) / "fam"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import socket
 
 from vcluster.errors import VclusterError
 
@@ -19,3 +20,8 @@ def user_name(uid: int | None = None) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError as e:
         raise VclusterError(f"uid {uid} has no user name (not in the password database)") from e
+
+
+def host_name() -> str:
+    """This machine's short name (as SLURM names its nodes): the host name up to its first dot."""
+    return socket.gethostname().split(".", 1)[0]

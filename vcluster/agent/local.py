@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from vcluster.agent.registration import StoreLink
 from vcluster.agent.server import AgentServer
 from vcluster.agent.service import Agent
 from vcluster.config.batch import BatchConfig
+from vcluster.identity import host_name
 from vcluster.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,6 @@ class LocalQueries:
         return [nodelist] if nodelist else []
 
 
-def socket_path(batch: BatchConfig, job: str) -> Path:
-    return batch.directories.run / f"local-{job}.sock"
-
-
 def _jobs(batch: BatchConfig, policy_dir: Path, store: Store, node: str) -> Jobs:
     layout = batch.directories.layout
     for directory in (layout.state, layout.run):
@@ -108,11 +104,11 @@ def serving(batch: BatchConfig, policy_dir: Path, store: Store, job: str, user: 
     job released; the socket's path."""
     if os.geteuid() != 0:
         raise PermissionError("the local agent runs as root only")
-    node = socket.gethostname().split(".", 1)[0]
+    node = host_name()
     jobs = _jobs(batch, policy_dir, store, node)
     queries = LocalQueries(node, job, os.getpid(), os.getuid(), user, tasks)
     agent = Agent(jobs, queries, jobs.link)
-    path = socket_path(batch, job)
+    path = batch.directories.layout.local_agent_socket(job)
     server = AgentServer(path, agent)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                               name=f"local agent {job}", daemon=True)
@@ -134,9 +130,9 @@ def serving(batch: BatchConfig, policy_dir: Path, store: Store, job: str, user: 
 def release(batch: BatchConfig, policy_dir: Path, store: Store, job: str,
             user: str) -> ReleaseAnswer:
     """Remove what the undo log of local ``job`` records (its launcher is gone)."""
-    node = socket.gethostname().split(".", 1)[0]
+    node = host_name()
     with contextlib.suppress(OSError):
-        socket_path(batch, job).unlink()
+        batch.directories.layout.local_agent_socket(job).unlink()
     return _jobs(batch, policy_dir, store, node).release(job, user)
 
 

@@ -42,6 +42,7 @@ from vcluster.agent.protocol import StatusAnswer
 from vcluster.config.batch import BatchConfig, parse_batch
 from vcluster.config.paths import system_dir
 from vcluster.errors import VclusterError
+from vcluster.identity import host_name
 from vcluster.schema.source import load_yaml
 
 log = logging.getLogger("vcluster.agent")
@@ -69,7 +70,7 @@ def serve(config: BatchConfig, directory: Path, node: str | None, interval: floa
                             "files owned by other users)")
     if login and node is not None:
         raise VclusterError("--login-node and --node exclude each other")
-    node = node or socket.gethostname().split(".", 1)[0]
+    node = node or host_name()
     policy = load_policy(directory)
     slurm = Slurm(node)
     if not login:

@@ -7,9 +7,9 @@ output in ``vcluster-%j.out`` (``-o``/``-e`` name other files, with %j, %x
 and %% as sbatch has them).  ``--wait`` waits for it and returns its
 status; a stop signal meanwhile is passed on, as scancel would.  Of
 sbatch's options only those that mean something on one machine are taken
-(``-o``, ``-e``, ``-J``, ``-D``, ``-c``, ``--wait``, ``--comment``); any other
-is refused, naming the line or the command line that gave it, before
-anything starts.
+(``-o``, ``-e``, ``-J``, ``-D``, ``-c``, ``--wait``, ``--comment``, kept in the
+job's record as SLURM keeps it with the job); any other is refused, naming
+the line or the command line that gave it, before anything starts.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class LocalBatchJob:
     name: str
     batch: BatchJob
     cpus: int | None
+    comment: str | None = None
 
 
 def local_sbatch(request: BatchRequest) -> dict[str, str | None]:
@@ -90,7 +91,7 @@ def submit_local_batch(request: BatchRequest, job: BatchJob) -> int:
     out_path = output_path(options.get("output") or DEFAULT_OUTPUT, jobid, name, chdir)
     error = options.get("error")
     err_path = output_path(error, jobid, name, chdir) if error else out_path
-    handed = LocalBatchJob(jobid, name, job, request.cpus)
+    handed = LocalBatchJob(jobid, name, job, request.cpus, options.get("comment"))
     with contextlib.ExitStack() as files:
         try:
             out = files.enter_context(open(out_path, "ab"))
@@ -122,4 +123,4 @@ def run_local_batch(text: str) -> int:
     options = LaunchOptions(script=handed.batch.script, stop_timeout=handed.batch.stop_timeout,
                             ready_timeout=handed.batch.ready_timeout, local=True)
     return run_local(load_config(), handed.batch.plan, options, name=handed.name,
-                     cpus=handed.cpus, job=handed.job)
+                     cpus=handed.cpus, job=handed.job, comment=handed.comment)

@@ -2,11 +2,12 @@
 
 ``run_local`` does what salloc and the SLURM prolog and epilog do around
 the launcher: reconcile what dead local launchers left, take a job id,
-record the job (``local.registry``), make its devices (root: serve the
-agent in-process; a normal user: ``local.rootless``), run the same
-``Launcher`` with this machine as its one host and ``LocalStep`` for its
-runners, and at the end, however it ends, release everything and forget
-the job.  A launcher killed outright loses its runners and QEMUs at once
+start the VM runners held (``local.step``: they start up while the rest is
+done), record the job (``local.registry``), make its devices (root: serve
+the agent in-process; a normal user: ``local.rootless``), run the same
+``Launcher`` with this machine as its one host and the held runners for its
+step, and at the end, however it ends, release everything and forget the
+job.  A launcher killed outright loses its runners and QEMUs at once
 (``local.step``); the rest is for ``local.reconcile``.
 """
 
@@ -14,19 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from functools import partial
 
 from vcluster.cluster import ClusterPlan
 from vcluster.config.loader import Config
 from vcluster.errors import InputError
-from vcluster.identity import user_name
+from vcluster.identity import host_name, user_name
 from vcluster.launch.launcher import Launcher, LaunchOptions
 from vcluster.launch.placement import Allocation, Host, PlacementError, VmNeed, place
-from vcluster.launch.steps import StepStarter
 from vcluster.local import registry, rootless
 from vcluster.local.reconcile import policy_dir, reconcile
 from vcluster.local.step import LocalStep
@@ -41,20 +38,17 @@ class NoTunnels:
         return {}
 
 
-def host_name() -> str:
-    return socket.gethostname().split(".", 1)[0]
-
-
 def allocation(cpus: int | None) -> Allocation:
     """This machine as a one-host allocation: its CPUs, ``cpus`` per VM."""
     return Allocation((Host(host_name(), os.cpu_count() or 1),), cpus or 1)
 
 
 def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name: str,
-              cpus: int | None, job: str | None = None) -> int:
+              cpus: int | None, job: str | None = None, comment: str | None = None) -> int:
     """Run the cluster of ``plan`` on this machine until the user's part ends; its status.
 
-    ``job``: an id taken already (a batch job's, said when it was submitted).
+    ``job``: an id taken already (a batch job's, said when it was submitted); ``comment``:
+    the user's, kept in the job's record.
     """
     batch = config.batch
     if (missing := rootless.missing_tools(plan)) is not None and batch.rootless:
@@ -73,27 +67,32 @@ def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name
         layout = batch.directories.layout
         jobs = registry.Registry(store, keys, layout)
         job = job or jobs.new_job_id()
-        record = registry.own_record(job, user, name, batch.rootless, layout.run, layout.state)
+        record = registry.own_record(job, user, name, batch.rootless, layout.run, layout.state,
+                                     comment)
         jobs.record(record)
         try:
             with contextlib.ExitStack() as stack:
+                extra = ["--local"]
+                if not batch.rootless:
+                    extra.append(f"--agent-socket={layout.local_agent_socket(job)}")
+                runners = LocalStep(job, [host_name()] * len(plan.vms),
+                                    stop_timeout=options.stop_timeout, echo=options.verbose,
+                                    extra=extra)
+                stack.callback(runners.stop, 0.0)  # if the launcher never takes them
                 made = rootless.Made(layout, job, batch.rootless)
                 stack.callback(made.remove)
                 rootless.prepare(job, plan, layout, made, rootless=batch.rootless)
-                extra = ["--local"]
                 if batch.rootless:
                     record = replace(record, switches=made.switch_pids())
                     jobs.record(record)
                 else:
                     from vcluster.agent import local as agent
 
-                    sock = stack.enter_context(agent.serving(
+                    stack.enter_context(agent.serving(
                         batch, policy_dir(batch), store, job, user, len(plan.vms)))
-                    extra.append(f"--agent-socket={sock}")
-                start: StepStarter = partial(LocalStep, extra=extra)
                 launcher = Launcher(plan, store, prefix=batch.store.prefix, job=job,
                                     job_name=name, options=options, allocation=here,
-                                    agent=NoTunnels(), start_step=start)
+                                    agent=NoTunnels(), start_step=runners.go)
                 return launcher.run()
         finally:
             jobs.forget(record)
@@ -111,5 +110,4 @@ def local_alloc(definition: str, *, cpus: int | None, command: str | None,
     plan = plan_cluster(config, definition, cpus_per_task=cpus)
     options = LaunchOptions(command=command, stop_timeout=stop_timeout,
                             ready_timeout=ready_timeout, verbose=verbose, local=True)
-    sys.stderr.flush()
     return run_local(config, plan, options, name="vcluster", cpus=cpus)

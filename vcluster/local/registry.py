@@ -43,6 +43,7 @@ class LocalJob:
     run: Path  # the directories its files are under (they depend on who ran it)
     state: Path
     switches: dict[str, int] = field(default_factory=dict)  # private network -> vde_switch pid
+    comment: str | None = None  # the user's own (batch --comment), kept as SLURM keeps it
 
 
 def start_time(pid: int) -> int | None:
@@ -141,9 +142,10 @@ class Registry:
 
 
 def own_record(job: str, user: str, name: str, rootless: bool, run: Path,
-               state: Path) -> LocalJob:
+               state: Path, comment: str | None = None) -> LocalJob:
     """The record of a job this process launches."""
     pid = os.getpid()
     started = start_time(pid)
     assert started is not None  # we are alive
-    return LocalJob(job, user, os.getuid(), pid, started, name, rootless, run, state)
+    return LocalJob(job, user, os.getuid(), pid, started, name, rootless, run, state,
+                    comment=comment)

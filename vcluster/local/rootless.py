@@ -39,7 +39,7 @@ from vcluster.hostpaths import HostLayout
 from vcluster.networks.nat import KIND as NAT
 from vcluster.networks.private import KIND as PRIVATE
 from vcluster.run import spawn, stop
-from vcluster.vm.userdevices import LocalDevices, Port, VmPorts, devices_file
+from vcluster.vm.userdevices import LocalDevices, Port, VmPorts
 
 SWITCH = "vde_switch"
 SWITCH_WAIT = 10.0  # seconds a switch gets to make its socket
@@ -89,7 +89,7 @@ def remove_job_files(layout: HostLayout, job: str, *, rootless: bool = True) -> 
     """The job's devices file and (rootless) its run and work directories, whatever is
     in them (root's are the agent's to remove, by its undo log)."""
     with contextlib.suppress(FileNotFoundError):
-        devices_file(layout, job).unlink()
+        layout.local_devices(job).unlink()
     if rootless:
         for path in (layout.run_job(job), layout.work_dir(job)):
             shutil.rmtree(path, ignore_errors=True)
@@ -163,7 +163,7 @@ def prepare(job: str, plan: ClusterPlan, layout: HostLayout, made: Made, *,
                 region = regions[vm.fam.name] = _fam_file(layout, job, vm.fam.name, vm.fam.size)
         vms[str(vm.index)] = VmPorts(tuple(ports), region)
     devices = LocalDevices(layout.work_dir(job), vms)
-    files.write_atomically(devices_file(layout, job), codec.to_json(devices, indent=2))
+    files.write_atomically(layout.local_devices(job), codec.to_json(devices, indent=2))
     return devices
 
 

@@ -2,7 +2,11 @@
 
 The local twin of ``launch.steps.RunnerStep`` (srun): the same
 ``vcluster internal vm`` per VM, told its index, job and host on its
-command line instead of by SLURM's environment.  Each runner is started
+command line instead of by SLURM's environment.  The runners are started
+held (``--held``) as soon as the job has its id: each starts Python, imports
+its code and opens the store while the launcher records the job and makes
+its devices, then waits for a line on its stdin; ``go`` (the launcher's
+``StepStarter``, once the cluster's record is in) sends it.  Each runner is started
 under ``setpriv --pdeathsig KILL`` (its QEMU is under the same against the
 runner), so a launcher killed outright takes its runners, and they their
 QEMUs, with it; each in a process group of its own, so the Ctrl-C meant
@@ -20,23 +24,27 @@ import threading
 from collections.abc import Sequence
 from typing import IO
 
+from vcluster.launch.steps import Step
 from vcluster.run import Child, spawn, stop_all
 
 
 def runner_argv(job: str, index: int, host: str, stop_timeout: float | None,
                 extra: Sequence[str]) -> list[str]:
     argv = ["setpriv", "--pdeathsig", "KILL", "--", sys.executable, "-m", "vcluster",
-            "internal", "vm", f"--job={job}", f"--vm={index}", f"--host={host}", *extra]
+            "internal", "vm", f"--job={job}", f"--vm={index}", f"--host={host}", "--held",
+            *extra]
     if stop_timeout is not None:
         argv.append(f"--stop-timeout={stop_timeout:g}")
     return argv
 
 
 class LocalStep:
-    """One runner process per VM on this machine (``launch.steps.Step``)."""
+    """One runner process per VM on this machine (``launch.steps.Step``), held until ``go``."""
 
     def __init__(self, job: str, hosts: Sequence[str], *, stop_timeout: float | None = None,
                  echo: bool = False, extra: Sequence[str] = ()) -> None:
+        self.job = job
+        self.hosts = tuple(hosts)
         self.echo = echo
         self.after_ready = False
         self.output: collections.deque[str] = collections.deque(maxlen=200)
@@ -46,7 +54,8 @@ class LocalStep:
         try:
             for index, host in enumerate(hosts):
                 proc = spawn(runner_argv(job, index, host, stop_timeout, extra),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, process_group=0)
                 self.procs.append(proc)
                 assert proc.stdout is not None  # asked for with stdout=PIPE
                 reader = threading.Thread(target=self._read, args=(index, proc.stdout),
@@ -56,6 +65,22 @@ class LocalStep:
         except BaseException:
             self.stop(0.0)
             raise
+
+    def go(self, job: str, hosts: Sequence[str], *, stop_timeout: float | None,
+           echo: bool) -> Step:
+        """Let the held runners prepare their VMs (a ``launch.steps.StepStarter``: the
+        launcher calls it once the cluster's record is in)."""
+        if job != self.job or tuple(hosts) != self.hosts:
+            raise RuntimeError(f"the runners were started for job {self.job} on "
+                               f"{', '.join(self.hosts)}, not job {job} on {', '.join(hosts)}")
+        for proc in self.procs:
+            assert proc.stdin is not None  # asked for with stdin=PIPE
+            try:
+                proc.stdin.write(b"go\n")
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # that runner has ended already: exited() says how
+        return self
 
     def _read(self, index: int, stream: IO[bytes]) -> None:
         for raw in stream:

@@ -5,12 +5,21 @@ VM's own kernel under KVM for a bounded time and waits for its first line
 on the serial port: a host whose KVM answers ioctls but hangs its guests
 (nested virtualization gone wrong) is caught there and gets TCG.  The reason
 for the choice is returned so the runner can say which one ran and why.
+
+The test boot's verdict is kept in a small file (``kvm-probe.json`` in the
+host's run directory) for as long as it can hold: the same boot of the host
+(its boot id), the same QEMU binary and the same /dev/kvm (its inode and
+change time: reloading the module makes a new one).  The runners of one
+cluster, and the clusters after it, then skip the 0.1 s to 10 s probe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +35,8 @@ KVM_API_VERSION = 12
 PROBE_TIMEOUT = 10.0
 PROBE_LINE = b"Linux version"
 PROBE_STOP_GRACE = 1.0  # QEMU ends at once on SIGTERM; a hung KVM may need SIGKILL
+PROBE_CACHE = "kvm-probe.json"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 @dataclass(frozen=True)
@@ -79,19 +90,70 @@ def kvm_boot_problem(binary: str, kernel: Path, timeout: float = PROBE_TIMEOUT) 
             stop(proc, PROBE_STOP_GRACE)
 
 
+def probe_key(binary: str, device: Path = KVM_DEVICE) -> dict[str, object] | None:
+    """What a test boot's verdict holds for: this boot, this QEMU, this /dev/kvm."""
+    path = shutil.which(binary)
+    try:
+        qemu = os.stat(path) if path else None
+        kvm = os.stat(device)
+        boot = BOOT_ID.read_text().strip()
+    except OSError:
+        return None
+    if qemu is None:
+        return None
+    return {"boot": boot, "qemu": [os.path.realpath(path or binary), qemu.st_size,
+                                   qemu.st_mtime_ns],
+            "kvm": [kvm.st_ino, kvm.st_rdev, kvm.st_ctime_ns]}
+
+
+def cached_problem(cache: Path, key: dict[str, object]) -> tuple[bool, str | None]:
+    """(found, the cached test boot's problem) for ``key``."""
+    try:
+        kept = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return False, None
+    if not isinstance(kept, dict) or kept.get("key") != key:
+        return False, None
+    problem = kept.get("problem")
+    return True, problem if isinstance(problem, str) else None
+
+
+def keep_problem(cache: Path, key: dict[str, object], problem: str | None) -> None:
+    """Keep a test boot's verdict; a cache that cannot be written is no cache."""
+    with contextlib.suppress(OSError):
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "problem": problem}))
+        tmp.replace(cache)
+
+
 def choose_accel(setting: str, *, binary: str, kernel: Path,
-                 probe_timeout: float = PROBE_TIMEOUT, device: Path = KVM_DEVICE) -> Accel:
-    """The accelerator for ``setting`` (batch.yaml ``qemu.accel``)."""
+                 probe_timeout: float = PROBE_TIMEOUT, device: Path = KVM_DEVICE,
+                 cache_dir: Path | None = None) -> Accel:
+    """The accelerator for ``setting`` (batch.yaml ``qemu.accel``).
+
+    ``cache_dir``: where the test boot's verdict is kept (``PROBE_CACHE``), if anywhere.
+    """
     if setting in ("tcg", "kvm"):
         return Accel(setting, "qemu.accel is " + setting)
     if setting != "auto":
         raise ValueError(f"accelerator {setting!r} is not auto, kvm or tcg")
     problem = kvm_api_problem(device)
     if problem is None:
-        started = time.monotonic()
-        problem = kvm_boot_problem(binary, kernel, probe_timeout)
-        if problem is None:
+        key = probe_key(binary, device) if cache_dir is not None else None
+        cache = cache_dir / PROBE_CACHE if cache_dir is not None else None
+        found, took = False, 0.0
+        if cache is not None and key is not None:
+            found, problem = cached_problem(cache, key)
+        if not found:
+            started = time.monotonic()
+            problem = kvm_boot_problem(binary, kernel, probe_timeout)
             took = time.monotonic() - started
-            return Accel("kvm", f"qemu.accel is auto: KVM answers and a test boot printed "
-                                f"its banner in {took:.1f} s")
+            if cache is not None and key is not None:
+                keep_problem(cache, key, problem)
+        if problem is None:
+            how = (f"a test boot printed its banner in {took:.1f} s" if not found
+                   else f"a test boot this host boot printed its banner ({cache})")
+            return Accel("kvm", f"qemu.accel is auto: KVM answers and {how}")
+        if found:
+            problem += f" (the test boot's verdict kept in {cache})"
     return Accel("tcg", f"qemu.accel is auto: {problem}; using TCG")

@@ -30,8 +30,13 @@ DETACH_HELP = "Ctrl-]"
                    "--agent-socket names one (root's cluster).")
 @click.option("--agent-socket", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="The agent to ask for devices (default: the host's).")
+@click.option("--held", is_flag=True,
+              help="Wait for a line on stdin before preparing the VM, and end at once at "
+                   "end of file (a local launcher starts its runners while it records the "
+                   "cluster).")
 def vm(job: str, index: int, host: str | None, ready_timeout: float | None,
-       stop_timeout: float | None, local: bool, agent_socket: Path | None) -> None:
+       stop_timeout: float | None, local: bool, agent_socket: Path | None,
+       held: bool) -> None:
     """Run one VM of a cluster as this SLURM task, until the task is signalled.
 
     Publishes the VM's state (preparing, booting, ready, stopping, stopped or
@@ -65,6 +70,8 @@ def vm(job: str, index: int, host: str | None, ready_timeout: float | None,
         agent: DeviceSource = client
         if local:
             agent = LocalDeviceSource(layout, client if agent_socket else None)
+        if held and not sys.stdin.readline():
+            return  # the launcher ended before it started the cluster
         code = Runner(options, batch, agent=agent, open_store=opening.result).run()
     finally:
         opening.close()  # only if the runner did not take it

@@ -60,6 +60,7 @@ from vcluster.vm.workdir import make_vm_dir, remove_vm_files
 log = logging.getLogger(__name__)
 
 POLL = 0.2
+READY_POLL = 0.02  # the console log is read from where it was: a poll is cheap
 QMP_CONNECT_TIMEOUT = 20.0
 CONSOLE_TAIL = 20
 
@@ -151,6 +152,7 @@ class Runner:
         self.options = options
         self.keys = Keys(batch.store.prefix)
         self.agent: DeviceSource = agent or AgentClient(batch.directories.layout.agent_socket)
+        self.run_dir = batch.directories.layout.run  # the KVM probe's verdict is kept there
         self.open_store = open_store or partial(open_user_store, batch)
         self.start_qemu = start_qemu
         self.cancellation = cancellation or Cancellation()
@@ -269,7 +271,7 @@ class Runner:
         """Start QEMU (``machine`` ends it) and connect to its monitor."""
         spec, vm, files, devices = prepared.spec, prepared.vm, prepared.files, prepared.devices
         accel = choose_accel(spec.plan.accel, binary=spec.plan.qemu_binary,
-                             kernel=vm.boot.kernel)
+                             kernel=vm.boot.kernel, cache_dir=self.run_dir)
         log.info("%s: accelerator %s (%s)", self.name, accel.name, accel.reason)
         self.cancellation.check(self.name)  # the last point before there is a QEMU to end
         fam = SharedMemory(devices.fam.path, devices.fam.size) if devices.fam else None
@@ -312,7 +314,7 @@ class Runner:
             if time.monotonic() - started > timeout:
                 raise VmError(f"the guest was not ready after {timeout:g} s "
                               f"(no {marker!r} on its console)")
-            if self.cancellation.wait(POLL):
+            if self.cancellation.wait(READY_POLL):
                 self.cancellation.check(self.name)
         prepared.publisher.move(VmState.READY)
         took = time.monotonic() - started

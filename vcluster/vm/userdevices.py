@@ -56,10 +56,6 @@ class LocalDevices:
     vms: dict[str, VmPorts]
 
 
-def devices_file(layout: HostLayout, job: str) -> Path:
-    return layout.run / f"local-{job}.json"
-
-
 class LocalDeviceSource:
     """``vm_resources`` for a local runner: the launcher's devices file, and ``agent``
     (root's, in the launcher) for taps and FAM regions, or none (rootless)."""
@@ -70,7 +66,7 @@ class LocalDeviceSource:
 
     def vm_resources(self, job: str, vm: int, networks: Sequence[NetworkSpec],
                      fam: FamSpec | None) -> VmDevices:
-        path = devices_file(self.layout, job)
+        path = self.layout.local_devices(job)
         try:
             made = codec.from_json(LocalDevices, path.read_text(), what=str(path))
         except OSError as e:
