@@ -28,6 +28,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "mypy>=1.10", "ruff>=0.5", "types-PyYAML", "types-protobuf"],
+        # persistent clusters (vcluster cluster): builds against libvirt-dev and pkg-config
+        "libvirt": ["libvirt-python>=9.0"],
     },
     entry_points={
         "console_scripts": [

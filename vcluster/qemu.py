@@ -81,8 +81,16 @@ def kernel_args(kernel: PathLike, initrd: PathLike | None = None, append: str = 
 
 
 def drive_args(path: PathLike, *, drive_id: str, fmt: str = "qcow2", readonly: bool = False,
-               serial: str | None = None) -> list[str]:
-    """A disk image as a virtio-blk device."""
+               serial: str | None = None, shareable: bool = False) -> list[str]:
+    """A disk image as a virtio-blk device; ``shareable``: one raw image that every VM of
+    the cluster writes (GFS2, OCFS2): no host cache, no image lock, shared writes allowed."""
+    if shareable:
+        if fmt != "raw":
+            raise ValueError(f"a shared disk is raw, not {fmt}")
+        drive = options(file=path, if_="none", id=drive_id, format="raw", cache="none")
+        return ["-drive", drive + ",file.locking=off",
+                "-device", options("virtio-blk-pci", drive=drive_id, serial=serial,
+                                   share_rw=True)]
     return [
         "-drive", options(file=path, if_="none", id=drive_id, format=fmt,
                           readonly=True if readonly else None),
@@ -157,11 +165,22 @@ class UserNet:
     ssh_port: int | None = None
 
 
-NicBackend = int | VdeSwitch | UserNet  # an int is an open tap's file descriptor
+@dataclass(frozen=True)
+class LibvirtNetwork:
+    """A NIC that libvirt attaches to one of its networks (a persistent cluster's VMs are
+    libvirt's domains): no QEMU option of ours, ``persistent.domain`` writes it."""
+
+    name: str
+
+
+NicBackend = int | VdeSwitch | UserNet | LibvirtNetwork  # an int: an open tap's fd
 
 
 def netdev_option(backend: NicBackend, net_id: str) -> str:
     """``-netdev``'s value for one NIC's backend."""
+    if isinstance(backend, LibvirtNetwork):
+        raise ValueError(f"{net_id} is on libvirt network {backend.name}: a domain's NIC, "
+                         "not a QEMU command line's")
     if isinstance(backend, VdeSwitch):
         return options("vde", id=net_id, sock=backend.socket)
     if isinstance(backend, UserNet):
@@ -182,11 +201,13 @@ def nic_args(backend: NicBackend, mac: str, *, net_id: str = "net0",
     ]
 
 
-def guest_agent_args(socket: PathLike) -> list[str]:
-    """A virtio-serial port named for qemu-guest-agent, served on a unix socket."""
+def guest_agent_args(socket: PathLike, *, addr: int | None = None) -> list[str]:
+    """A virtio-serial port named for qemu-guest-agent, served on a unix socket (its
+    controller at PCI slot ``addr``, if given)."""
     return [
         "-chardev", options("socket", id="qga0", path=socket, server=True, wait=False),
-        "-device", "virtio-serial-pci,id=vserial0",
+        "-device", options("virtio-serial-pci", id="vserial0",
+                           addr=f"{addr:#x}" if addr is not None else None),
         "-device", options("virtserialport", bus="vserial0.0", chardev="qga0",
                            name="org.qemu.guest_agent.0"),
     ]
@@ -198,6 +219,7 @@ class Disk:
     fmt: str = "qcow2"
     readonly: bool = False
     serial: str | None = None
+    shareable: bool = False  # the cluster's VMs all write it (``drive_args``)
 
 
 @dataclass(frozen=True)
@@ -264,7 +286,7 @@ def build_argv(spec: VmSpec) -> list[str]:
         argv += ivshmem_args(spec.fam.path, spec.fam.size)
     for i, disk in enumerate(spec.disks):
         argv += drive_args(disk.path, drive_id=f"disk{i}", fmt=disk.fmt, readonly=disk.readonly,
-                           serial=disk.serial)
+                           serial=disk.serial, shareable=disk.shareable)
     if spec.seed is not None:
         argv += seed_args(spec.seed, interface=spec.seed_interface)
     for i, nic in enumerate(spec.nics):

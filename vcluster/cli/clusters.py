@@ -1,16 +1,18 @@
 """Finding the user's clusters: the shared -j/-J options and the store reads behind them.
 
-A command acting on a running cluster takes ``-j JOBID`` or ``-J JOBNAME``;
-without either it uses ``$VCLUSTER_JOB_ID`` (set inside an alloc shell), and
-failing that the user's only cluster.
+A command acting on a running cluster takes ``-j JOBID`` or ``-J JOBNAME``
+(or ``-C NAME``, a persistent cluster: its spec is stored as a job's, under
+its name); without either it uses ``$VCLUSTER_JOB_ID`` (set inside an alloc
+shell), and failing that the user's only cluster.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -25,13 +27,26 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def cluster_options(f: F) -> F:
-    """``-j/--jobid`` and ``-J/--jobname``, defined once for every command."""
-    f = click.option("-J", "--jobname", default=None, metavar="NAME",
-                     help="The cluster's SLURM job name.")(f)
-    f = click.option("-j", "--jobid", default=None, metavar="JOBID",
-                     help="The cluster's SLURM job id (default: $VCLUSTER_JOB_ID, or your "
-                          "only cluster).")(f)
-    return f
+    """``-j/--jobid``, ``-J/--jobname`` and ``-C/--cluster``, defined once for every
+    command; the command gets ``-C``'s name as its ``jobid``."""
+
+    @functools.wraps(f)
+    def command(*args: Any, cluster: str | None = None, **kwargs: Any) -> Any:
+        if cluster is not None:
+            if kwargs.get("jobid") is not None or kwargs.get("jobname") is not None:
+                raise click.UsageError("-C names a persistent cluster: give it without -j "
+                                       "or -J")
+            kwargs["jobid"] = cluster
+        return f(*args, **kwargs)
+
+    wrapped = click.option("-C", "--cluster", default=None, metavar="NAME",
+                           help="A persistent cluster (vcluster cluster list).")(command)
+    wrapped = click.option("-J", "--jobname", default=None, metavar="NAME",
+                           help="The cluster's SLURM job name.")(wrapped)
+    wrapped = click.option("-j", "--jobid", default=None, metavar="JOBID",
+                           help="The cluster's SLURM job id (default: $VCLUSTER_JOB_ID, or "
+                                "your only cluster).")(wrapped)
+    return cast(F, wrapped)
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,9 @@ def select_cluster(clusters: list[Cluster], jobid: str | None, jobname: str | No
         for c in clusters:
             if c.spec.job == jobid:
                 return c
+        if not jobid.isdigit():  # a persistent cluster's name (-C)
+            raise InputError(f"-C {jobid}: you have no cluster {jobid} (expected one of: "
+                             f"{listing()})")
         raise InputError(f"-j {jobid}: you have no cluster in job {jobid} "
                          f"(expected one of: {listing()})")
     if jobname is not None:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "alloc": "vcluster.cli.alloc:alloc",
     "batch": "vcluster.cli.batch:batch",
     "check": "vcluster.cli.template:check",
+    "cluster": "vcluster.cli.cluster:cluster",
     "console": "vcluster.cli.console:console",
     "image": "vcluster.cli.image:image",
     "internal": "vcluster.cli.internal:internal",

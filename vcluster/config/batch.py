@@ -102,6 +102,7 @@ class BatchConfig:
     qemu: QemuConfig = field(default_factory=QemuConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     embedded: bool = False  # no configuration files: the embedded default of one machine
+    libvirt_uri: str | None = None  # persistent clusters' libvirt (None: by who runs)
 
     @property
     def local(self) -> bool:
@@ -186,7 +187,15 @@ def parse_batch(node: Node | None, path: Path) -> BatchConfig:
         assert depth is not None
         images = ImagesConfig(max_depth=depth)
         sec.done()
+    libvirt_uri = None
+    if (sec := top.section("libvirt")) is not None:
+        libvirt_uri = sec.string("uri")
+        if libvirt_uri is not None and "://" not in libvirt_uri:
+            raise sec.error("uri", f"{libvirt_uri!r} is not a libvirt URI",
+                            "a URI such as qemu:///system or qemu:///session")
+        sec.done()
     top.done()
     if backend == "local":
         dirs = own_directories(dirs)
-    return BatchConfig(backend=backend, store=store, directories=dirs, qemu=qemu, images=images)
+    return BatchConfig(backend=backend, store=store, directories=dirs, qemu=qemu, images=images,
+                       libvirt_uri=libvirt_uri)

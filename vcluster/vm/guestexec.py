@@ -27,6 +27,7 @@ from vcluster.errors import VclusterError
 
 T = TypeVar("T")
 PING_TIMEOUT = 5.0
+SHUTDOWN_ANSWER = 2.0  # how long a refusal of guest-shutdown may take to come back
 POLL = (0.02, 0.05, 0.1, 0.2)  # growing pauses between guest-exec-status calls, then 0.2 s
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -94,6 +95,15 @@ class GuestAgent:
                 timeout: float = PING_TIMEOUT) -> Any:
         """One guest agent command (such as ``guest-fsfreeze-freeze``) and its answer."""
         return self._call(command, arguments or {}, timeout)
+
+    def shutdown(self) -> None:
+        """Ask the guest to power off; GuestAgentError if it refuses (qemu-ga answers
+        nothing when it complies: no answer, or the connection going, is success)."""
+        try:
+            self._call("guest-shutdown", {"mode": "powerdown"}, SHUTDOWN_ANSWER)
+        except GuestAgentError as e:
+            if isinstance(e.__cause__, ExecuteError):
+                raise
 
     def run(self, argv: Sequence[str], timeout: float | None,
             stdin: bytes | None = None) -> Finished:

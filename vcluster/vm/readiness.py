@@ -42,6 +42,13 @@ class LogWatcher:
         self.matcher = ReadyMatcher(marker)
         self._offset = 0
 
+    def skip_to_end(self) -> None:
+        """Look only at what is appended from now on (a log kept across boots)."""
+        try:
+            self._offset = self.path.stat().st_size
+        except FileNotFoundError:
+            self._offset = 0
+
     def poll(self) -> bool:
         """Read what was appended since the last poll; whether the guest is ready."""
         try:

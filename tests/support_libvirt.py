@@ -1,0 +1,68 @@
+"""libvirtd for the persistent clusters' tests: started by the test as ../shared/TESTBED.md
+says (no systemd here: ``virtlogd`` and ``libvirtd`` run by hand), stopped by PID.
+
+A libvirtd that answers already (a developer's, or systemd's) is used as it is
+and left running.  ``virsh`` lines are for looking, as a user would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SOCKET = Path("/run/libvirt/libvirt-sock")
+START_TIMEOUT = 30.0
+
+
+def virsh(*args: str) -> str:
+    done = subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+    return done.stdout + done.stderr
+
+
+def answers() -> bool:
+    if not SOCKET.exists():
+        return False
+    done = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
+                          timeout=30, check=False, stdin=subprocess.DEVNULL)
+    return done.returncode == 0
+
+
+@contextlib.contextmanager
+def running_libvirtd() -> Iterator[None]:
+    """libvirtd (and virtlogd, for the consoles' logs) until the block ends."""
+    for tool in ("libvirtd", "virtlogd", "virsh"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: .ci/run installs libvirt-daemon-system")
+    if answers():
+        yield
+        return
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        for argv in ("virtlogd", "libvirtd"):
+            started.append(subprocess.Popen([argv], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True))
+        deadline = time.monotonic() + START_TIMEOUT
+        while not answers():
+            for proc in started:
+                if proc.poll() is not None:
+                    pytest.fail(f"{proc.args!r} exited with status {proc.returncode}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"libvirtd did not answer on {SOCKET} within {START_TIMEOUT:g} s")
+            time.sleep(0.2)
+        yield
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

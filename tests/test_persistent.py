@@ -1,0 +1,129 @@
+"""Persistent clusters through a real libvirtd, started by the test (TESTBED.md): root's
+clusters on ``qemu:///system``, the embedded default (no /etc/vcluster, the sqlite store).
+
+One tiny-fam:2 cluster is made for the module: its VMs share their FAM region
+through libvirt's ``<shmem>``, exec and ssh reach them with ``-C``, and remove
+leaves no domain, network, file or store row, nor any image file with another
+owner.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root
+from tests.support_images import images_dir, require_image
+from tests.support_libvirt import running_libvirtd, virsh
+from tests.support_local import LocalUser, local_user
+from vcluster.persistent.record import bridge_name
+
+pytestmark = [pytest.mark.qemu, pytest.mark.images, pytest.mark.libvirt]
+
+NAME = "famp"
+
+
+def owners(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file under the test images, with its owner, group and mode."""
+    out = {}
+    for path in sorted(root.resolve().rglob("*")):
+        info = path.stat()
+        out[str(path)] = (info.st_uid, info.st_gid, info.st_mode)
+    return out
+
+
+@pytest.fixture(scope="module")
+def root() -> Iterator[LocalUser]:
+    require_root("root's persistent clusters are qemu:///system's")
+    require_image("tiny")
+    with running_libvirtd(), local_user("root") as user:
+        yield user
+
+
+@pytest.fixture(scope="module")
+def fam_cluster(root: LocalUser) -> Iterator[LocalUser]:
+    before = owners(images_dir())
+    made = root.run("cluster", "create", NAME, "tiny-fam:2")
+    assert made.returncode == 0, made.stdout + made.stderr
+    try:
+        started = root.run("cluster", "start", NAME, timeout=300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "vm0: ready" in started.stderr and "vm1: ready" in started.stderr
+        yield root
+    finally:
+        gone = root.run("cluster", "remove", "--force", NAME)
+        assert gone.returncode == 0, gone.stdout + gone.stderr
+        assert owners(images_dir()) == before  # no image file changed owner or mode
+
+
+def test_vm1_reads_what_vm0_wrote_in_the_fam_region_through_libvirt(
+        fam_cluster: LocalUser) -> None:
+    user = fam_cluster
+    wrote = user.run("exec", "-C", NAME, "vm0", "--", "fam", "write", "8", "0x0c0ffee1")
+    assert wrote.returncode == 0, wrote.stdout + wrote.stderr
+    read = user.run("exec", "-C", NAME, "vm1", "--", "fam", "read", "8")
+    assert read.returncode == 0, read.stdout + read.stderr
+    print(f"vm1 read: {read.stdout.strip()}")
+    assert read.stdout.strip().upper() == "0X0C0FFEE1"
+    dumped = virsh("dumpxml", f"vc-root-{NAME}-vm1")
+    assert "<shmem name='vcluster-root-famp-fam'>" in dumped, dumped
+    assert "slot='0x04'" in dumped
+    assert Path("/dev/shm/vcluster-root-famp-fam").exists()
+
+
+def test_the_cluster_is_listed_shown_and_reached_by_ssh(fam_cluster: LocalUser) -> None:
+    user = fam_cluster
+    listed = user.run("cluster", "list")
+    assert listed.returncode == 0 and NAME in listed.stdout and "tiny-fam:2" in listed.stdout
+    shown = user.run("cluster", "show", NAME)
+    assert shown.returncode == 0, shown.stderr
+    assert "vm0\trunning" in shown.stdout and "vm1\trunning" in shown.stdout, shown.stdout
+    assert "/dev/shm/vcluster-root-famp-fam" in shown.stdout
+    ssh = user.run("ssh", "-C", NAME, "vm1", "--", "hostname")
+    assert (ssh.returncode, ssh.stdout.strip()) == (0, "vm1"), ssh.stderr
+    ps = user.run("ps")
+    assert NAME in ps.stdout and "persistent" in ps.stdout, ps.stdout
+
+
+def test_what_cannot_be_done_is_one_line_and_changes_nothing(fam_cluster: LocalUser) -> None:
+    user = fam_cluster
+    again = user.run("cluster", "create", NAME, "tiny:1")
+    assert again.returncode != 0
+    assert f"cluster {NAME} exists already" in again.stderr, again.stderr
+    running = user.run("cluster", "remove", NAME)
+    assert running.returncode != 0 and "--force" in running.stderr, running.stderr
+    assert f"vc-root-{NAME}-vm0" in virsh("list", "--name")
+    no_vm = user.run("cluster", "start", NAME, "vm7")
+    assert no_vm.returncode != 0 and "no such VM" in no_vm.stderr
+    unknown = user.run("cluster", "show", "nope")
+    assert unknown.returncode != 0 and "no persistent cluster 'nope'" in unknown.stderr
+    down = user.run("cluster", "create", "other", "tiny:1", "--connect",
+                    "qemu+unix:///system?socket=/nonexistent/libvirt-sock")
+    assert down.returncode != 0
+    assert "cannot reach libvirtd" in down.stderr and "libvirtd -d" in down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1, down.stderr
+    assert "Traceback" not in again.stderr + running.stderr + down.stderr
+    assert "vc-root-other" not in virsh("list", "--all", "--name")
+
+
+def test_remove_leaves_nothing_of_the_cluster(root: LocalUser) -> None:
+    made = root.run("cluster", "create", "gone", "tiny-fam:2")
+    assert made.returncode == 0, made.stderr
+    started = root.run("cluster", "start", "gone", "vm0", timeout=300)
+    assert started.returncode == 0, started.stderr
+    workdir = root.state / "work" / "gone"
+    assert workdir.is_dir()
+    removed = root.run("cluster", "remove", "--force", "gone")
+    assert removed.returncode == 0, removed.stderr
+    print(removed.stderr)
+    assert "vc-root-gone" not in virsh("list", "--all", "--name")
+    assert "vc-root-gone" not in virsh("net-list", "--all", "--name")
+    assert not workdir.exists()
+    assert not any(p.name.startswith("vcluster-root-gone-") for p in Path("/dev/shm").iterdir())
+    bridges = {bridge_name("root", "gone", n) for n in range(2)}
+    assert not bridges & set(os.listdir("/sys/class/net"))
+    listed = root.run("cluster", "list")
+    assert "gone" not in listed.stdout

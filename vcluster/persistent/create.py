@@ -1,0 +1,326 @@
+"""``vcluster cluster create NAME DEFINITION``: a persistent cluster defined in libvirt.
+
+The definition is planned as alloc plans it (templates, images, FAM regions,
+networks; bad input refused before anything is made).  Then, in order: the
+record (``persistent.record``: every object's name, phase ``creating``), the
+cluster's ssh key pair and spec in the store, each VM's directory with its
+disk (a qcow2 overlay over the image revision, or with ``--copy`` a full
+copy), its extra disks and its seed, the shared disks, the libvirt networks
+(``persistent.netxml``), the domains (``persistent.domain``, the record in
+their metadata), and last the phase ``defined``.  Nothing runs yet:
+``cluster start`` boots the VMs.  A create cut short leaves the phase
+``creating``: the same command again makes it all anew (no VM has run, so
+nothing of value is lost), another definition under that name is refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from vcluster import sshkeys
+from vcluster.cluster import ClusterPlan, ClusterSpec, VmPlan, mac_address, plan_cluster
+from vcluster.config.loader import Config
+from vcluster.errors import InputError
+from vcluster.hostpaths import VmFiles
+from vcluster.identity import user_name
+from vcluster.networks.nat import NatNetwork
+from vcluster.persistent import netxml, virt
+from vcluster.persistent.domain import domain_xml
+from vcluster.persistent.record import (
+    MODE,
+    PersistentRecord,
+    PersistentVm,
+    Phase,
+    bridge_name,
+    check_name,
+    domain_name,
+    network_name,
+    shm_path,
+)
+from vcluster.persistent.store import ClusterStore
+from vcluster.qemu import Disk, LibvirtNetwork, SharedMemory
+from vcluster.run import run
+from vcluster.seed import write_seed
+from vcluster.store.records import SshEndpoint, VmRecord, to_json
+from vcluster.vm import guest, machine
+from vcluster.vm.disks import QEMU_IMG_TIMEOUT, image_format, make_disks
+from vcluster.vm.guest import NicAddress
+
+if TYPE_CHECKING:
+    import libvirt
+
+Say = Callable[[str], None]
+
+
+def nat_block(subnet: ipaddress.IPv4Network, vms: int,
+              taken: Sequence[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """A block of ``subnet`` with room for ``vms`` VMs that no network in ``taken`` overlaps."""
+    from vcluster.networks.nat import block_prefix
+
+    prefix = max(block_prefix(vms), subnet.prefixlen)
+    for block in subnet.subnets(new_prefix=prefix):
+        if not any(block.overlaps(other) for other in taken):
+            return block
+    raise InputError(f"network subnet {subnet}: every block of /{prefix} is in use by "
+                     "another libvirt network (expected a larger subnet in networks.yaml)")
+
+
+def network_ips(net: libvirt.virNetwork) -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks a libvirt network is on."""
+    from xml.etree import ElementTree as ET
+
+    out = []
+    for ip in ET.fromstring(net.XMLDesc()).findall("ip"):
+        address, mask = ip.get("address"), ip.get("netmask") or ip.get("prefix")
+        if address and mask and ":" not in address:
+            out.append(ipaddress.IPv4Network(f"{address}/{mask}", strict=False))
+    return out
+
+
+def check_plan(config: Config, plan: ClusterPlan) -> None:
+    """What a persistent cluster cannot be, refused before anything is made."""
+    for vm in plan.vms:
+        for nic in vm.nics:
+            if nic.type not in ("nat", "private"):
+                raise InputError(f"network {nic.network!r} is of type {nic.type}, which a "
+                                 "persistent cluster cannot have (expected nat or private)")
+        for disk in vm.disks:
+            if disk.shared and disk.size is None:
+                raise InputError(f"template {vm.template!r}: shared disk {disk.name!r} "
+                                 "needs a size")
+
+
+def _addresses(plan: ClusterPlan, config: Config, block: ipaddress.IPv4Network | None
+               ) -> dict[int, dict[int, NicAddress]]:
+    """Each VM's nat NICs' addresses in ``block`` (VM ``i`` at ``i + 2``, the gateway first)."""
+    from vcluster.networks.nat import gateway, vm_address
+
+    given: dict[int, dict[int, NicAddress]] = {}
+    for vm in plan.vms:
+        for n, nic in enumerate(vm.nics):
+            if nic.type == "nat":
+                assert block is not None
+                given.setdefault(vm.index, {})[n] = NicAddress(
+                    f"{vm_address(block, vm.index)}/{block.prefixlen}", str(gateway(block)))
+    return given
+
+
+class Creator:
+    """Makes one persistent cluster; ``create`` is the whole of it."""
+
+    def __init__(self, config: Config, name: str, definition: str, *, copy: bool, uri: str,
+                 say: Say) -> None:
+        self.config = config
+        self.name = check_name(name)
+        self.definition = definition
+        self.copy = copy
+        self.uri = uri
+        self.say = say
+        self.user = user_name()
+        self.layout = config.batch.directories.layout
+
+    def create(self, store: ClusterStore) -> PersistentRecord:
+        plan = plan_cluster(self.config, self.definition)
+        check_plan(self.config, plan)
+        self._refuse_existing(store, plan)
+        conn = virt.connect(self.uri)
+        try:
+            return self._make(store, conn, plan)
+        finally:
+            conn.close()
+
+    def _refuse_existing(self, store: ClusterStore, plan: ClusterPlan) -> None:
+        found = store.read(self.name)
+        if found is None:
+            return
+        spec, record = found
+        if record.phase is Phase.CREATING and spec.plan.definition == plan.definition:
+            self.say(f"cluster {self.name}: its creation was cut short; making it anew")
+            return
+        if record.phase is Phase.CREATING:
+            raise InputError(f"NAME: cluster {self.name} was cut short while being created "
+                             f"from {spec.plan.definition} (expected the same definition "
+                             f"to finish it, or `vcluster cluster remove {self.name}` first)")
+        raise InputError(f"NAME: cluster {self.name} exists already ({len(spec.plan.vms)} "
+                         f"VMs of {spec.plan.definition}; expected a new name, or `vcluster "
+                         f"cluster remove {self.name}` first)")
+
+    def _make(self, store: ClusterStore, conn: libvirt.virConnect,
+              plan: ClusterPlan) -> PersistentRecord:
+        started = time.monotonic()
+        networks = self._network_names(plan)
+        self._refuse_foreign(conn, plan, networks)
+        block = self._block(conn, plan, networks)
+        given = _addresses(plan, self.config, block)
+        pair = sshkeys.generate(f"vcluster-cluster-{self.name}")
+        spec = ClusterSpec(self.name, self.name, self.user, os.getuid(), time.time(),
+                           pair.public, plan, mode=MODE, local=True)
+        host_keys = {vm.index: sshkeys.generate(f"vcluster-{self.name}-{vm.name}")
+                     for vm in plan.vms}
+        workdir = self.layout.work_dir(self.name)
+        record = PersistentRecord(
+            name=self.name, uri=self.uri, phase=Phase.CREATING, workdir=workdir,
+            vms=tuple(self._vm(vm, given.get(vm.index, {}), host_keys[vm.index].public)
+                      for vm in plan.vms),
+            networks=networks,
+            shm=tuple(sorted({shm_path(self.user, self.name, vm.fam.name)
+                              for vm in plan.vms if vm.fam})),
+            shared_disks=tuple(sorted({workdir / f"shared-{d.name}.raw"
+                                       for vm in plan.vms for d in vm.disks if d.shared})),
+            copy=self.copy)
+        store.begin(spec, record, pair)
+        self._files(plan, spec, record, given, host_keys)
+        self._define_networks(conn, plan, record, block, given)
+        for vm, pvm in zip(plan.vms, record.vms, strict=True):
+            self._define_domain(conn, spec, vm, pvm, record)
+        done = replace(record, phase=Phase.DEFINED)
+        store.finish(spec, done, [self._stopped(pvm) for pvm in record.vms])
+        self.say(f"cluster {self.name}: {len(plan.vms)} VMs defined in "
+                 f"{time.monotonic() - started:.1f} s (start them with `vcluster cluster "
+                 f"start {self.name}`)")
+        return done
+
+    # -- names and addresses ---------------------------------------------------
+
+    def _network_names(self, plan: ClusterPlan) -> dict[str, str]:
+        names = [nic.network for vm in plan.vms for nic in vm.nics]
+        return {n: network_name(self.user, self.name, n) for n in dict.fromkeys(names)}
+
+    def _refuse_foreign(self, conn: libvirt.virConnect, plan: ClusterPlan,
+                        networks: dict[str, str]) -> None:
+        """Names in libvirt already that this cluster did not make: refused, left alone."""
+        from vcluster.persistent.domain import metadata_of
+
+        for vm in plan.vms:
+            dom = virt.domain(conn, domain_name(self.user, self.name, vm.index))
+            if dom is not None and metadata_of(dom.XMLDesc()) is None:
+                raise InputError(f"NAME: libvirt has a domain {dom.name()} that vcluster did "
+                                 "not make (expected another cluster name)")
+
+    def _block(self, conn: libvirt.virConnect, plan: ClusterPlan,
+               networks: dict[str, str]) -> ipaddress.IPv4Network | None:
+        nat = [n for n in networks if self.config.networks[n].type == "nat"]
+        if not nat:
+            return None
+        if len(nat) > 1:
+            raise InputError(f"networks {', '.join(nat)}: a persistent cluster has one nat "
+                             "network (expected one in the resource set)")
+        settings = self.config.networks[nat[0]]
+        assert isinstance(settings, NatNetwork)  # its type is nat
+        subnet = settings.subnet
+        taken = [ip for net in conn.listAllNetworks() if net.name() != networks[nat[0]]
+                 for ip in network_ips(net)]  # a create cut short: its own does not count
+        return nat_block(subnet, len(plan.vms), taken)
+
+    def _vm(self, vm: VmPlan, given: dict[int, NicAddress], host_key: str) -> PersistentVm:
+        addresses = tuple(a.address.split("/")[0] for a in guest.nic_addresses(vm, given))
+        nat = [given[n].address.split("/")[0] for n in sorted(given)]
+        return PersistentVm(vm.index, domain_name(self.user, self.name, vm.index), addresses,
+                            nat[0] if nat else None, host_key)
+
+    @staticmethod
+    def _stopped(pvm: PersistentVm) -> VmRecord:
+        from vcluster.lifecycle import VmState
+
+        ssh = SshEndpoint(pvm.ssh_address, 22) if pvm.ssh_address else None
+        return VmRecord(VmState.STOPPED, host="localhost", addresses=pvm.addresses,
+                        since=time.time(), ssh=ssh, host_key=pvm.host_key)
+
+    # -- files ------------------------------------------------------------------
+
+    def _files(self, plan: ClusterPlan, spec: ClusterSpec, record: PersistentRecord,
+               given: dict[int, dict[int, NicAddress]],
+               host_keys: dict[int, sshkeys.KeyPair]) -> None:
+        workdir = record.workdir
+        self.layout.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)  # a create cut short: made anew
+        workdir.mkdir(mode=0o700)
+        for path in record.shared_disks:
+            disk = next(d for vm in plan.vms for d in vm.disks
+                        if d.shared and path.name == f"shared-{d.name}.raw")
+            assert disk.size is not None  # check_plan
+            run(["qemu-img", "create", "-q", "-f", "raw", str(path), str(disk.size)],
+                timeout=QEMU_IMG_TIMEOUT)
+        for vm in plan.vms:
+            self.say(f"cluster {self.name}: {vm.name}: disks and seed")
+            files = VmFiles.of(workdir, vm.index)
+            files.dir.mkdir(mode=0o700)
+            own = replace(vm, disks=tuple(d for d in vm.disks if not d.shared))
+            make_disks(own, files)
+            if self.copy and vm.boot.kind == "disk" and vm.boot.disk is not None:
+                files.overlay.unlink()
+                run(["qemu-img", "convert", "-q", "-f", image_format(vm.boot.disk), "-O",
+                     "qcow2", str(vm.boot.disk), str(files.overlay)], timeout=3600)
+            seed = guest.seed_files(spec, vm, given=given.get(vm.index),
+                                    host_key=host_keys[vm.index])
+            write_seed(files.seed, meta_data=seed.meta_data, user_data=seed.user_data,
+                       network_config=seed.network_config, guest_files=seed.guest_files)
+
+    # -- libvirt ----------------------------------------------------------------
+
+    def _define_networks(self, conn: libvirt.virConnect, plan: ClusterPlan,
+                         record: PersistentRecord, block: ipaddress.IPv4Network | None,
+                         given: dict[int, dict[int, NicAddress]]) -> None:
+        for position, (network, libvirt_name) in enumerate(record.networks.items()):
+            old = virt.network(conn, libvirt_name)
+            if old is not None:  # a create cut short made it: made anew
+                if old.isActive():
+                    virt.call(f"stop network {libvirt_name}", old.destroy)
+                virt.call(f"undefine network {libvirt_name}", old.undefine)
+            settings = self.config.networks[network]
+            bridge = bridge_name(self.user, self.name, position)
+            if settings.type == "nat":
+                assert block is not None
+                leases = [netxml.Lease(mac_address(self.name, vm.index, n), vm.name,
+                                       ipaddress.IPv4Address(given[vm.index][n].address
+                                                             .split("/")[0]))
+                          for vm in plan.vms for n, nic in enumerate(vm.nics)
+                          if nic.network == network]
+                xml = netxml.nat_network_xml(libvirt_name, bridge, settings.mtu, block, leases)
+            else:
+                xml = netxml.private_network_xml(libvirt_name, bridge, settings.mtu)
+            net = virt.call(f"define network {libvirt_name}", conn.networkDefineXML, xml)
+            virt.call(f"autostart network {libvirt_name}", net.setAutostart, 1)
+            virt.call(f"start network {libvirt_name}", net.create)
+
+    def _define_domain(self, conn: libvirt.virConnect, spec: ClusterSpec, vm: VmPlan,
+                       pvm: PersistentVm, record: PersistentRecord) -> None:
+        old = virt.domain(conn, pvm.domain)
+        if old is not None:  # a create cut short defined it (and it never ran)
+            if virt.is_running(old):
+                virt.call(f"stop {pvm.domain}", old.destroy)
+            virt.undefine(old)
+        files = VmFiles.of(record.workdir, vm.index)
+        fam = (SharedMemory(shm_path(self.user, self.name, vm.fam.name), vm.fam.size)
+               if vm.fam else None)
+        nics = [LibvirtNetwork(record.networks[nic.network]) for nic in vm.nics]
+        qemu = machine.vm_spec(spec, vm, files, accel=self._accel(spec, vm), nics=nics,
+                               fam=fam, binary=shutil.which(spec.plan.qemu_binary)
+                               or spec.plan.qemu_binary)
+        shared = tuple(Disk(p, fmt="raw", serial=p.stem.removeprefix("shared-"),
+                            shareable=True) for p in record.shared_disks
+                       if any(d.shared and p.stem == f"shared-{d.name}" for d in vm.disks))
+        qemu = replace(qemu, qmp_socket=None, disks=qemu.disks + shared)
+        xml = domain_xml(qemu, name=pvm.domain, owner=(os.getuid(), os.getgid()),
+                         metadata=to_json(record),
+                         title=f"vcluster {self.name} {vm.name} ({vm.template})")
+        virt.call(f"define domain {pvm.domain}", conn.defineXML, xml)
+
+    def _accel(self, spec: ClusterSpec, vm: VmPlan) -> str:
+        from vcluster.vm.accel import choose_accel
+
+        accel = choose_accel(spec.plan.accel, binary=spec.plan.qemu_binary,
+                             kernel=vm.boot.kernel, cache_dir=self.layout.run)
+        return accel.name
+
+
+def create(config: Config, name: str, definition: str, *, copy: bool, uri: str,
+           store: ClusterStore, say: Say) -> PersistentRecord:
+    """Define cluster ``name`` of ``definition`` in libvirt (see the module docstring)."""
+    return Creator(config, name, definition, copy=copy, uri=uri, say=say).create(store)

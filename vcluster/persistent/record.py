@@ -1,0 +1,89 @@
+"""What a persistent cluster is made of, as recorded before any of it is made.
+
+A persistent cluster is a cluster like a job's (its ``ClusterSpec`` under
+``users/<user>/clusters/<name>/spec``, with ``mode: persistent`` and
+``local``: its VMs are this machine's; its VM records beside it), so
+``ps``, console, ssh, scp, exec and save find it as they find a job's.  Its
+``PersistentRecord`` (``.../persistent``) lists every libvirt object and
+file it owns, by name, written before the first of them is made and kept
+in each domain's metadata too: ``remove`` removes what it lists and nothing
+else, and a ``create`` or ``remove`` cut short is carried on (or rolled
+back) by running it again.  The VMs' files are in ``<state>/work/<name>/``
+(``hostpaths.VmFiles``), where the job commands look; a cluster's name
+starts with a letter, so it is never a job id.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from vcluster.errors import InputError
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
+MODE = "persistent"
+
+
+class Phase(Enum):
+    """Where a persistent cluster is in its making and unmaking."""
+
+    CREATING = "creating"  # recorded; its objects may be partly made
+    DEFINED = "defined"  # every object made: the cluster can start
+    REMOVING = "removing"  # being taken apart
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class PersistentVm:
+    index: int
+    domain: str  # its libvirt domain's name
+    addresses: tuple[str, ...]  # each NIC's, as its seed sets it (nat: also DHCP's)
+    ssh_address: str | None  # where the host reaches its ssh server (its nat address)
+    host_key: str  # its ssh host key's public half ("ssh-ed25519 AAAA...")
+
+
+@dataclass(frozen=True)
+class PersistentRecord:
+    name: str
+    uri: str  # the libvirt connection
+    phase: Phase
+    workdir: Path  # the VMs' directories: <state>/work/<name>
+    vms: tuple[PersistentVm, ...]
+    networks: dict[str, str]  # the plan's network name -> its libvirt network's name
+    shm: tuple[Path, ...] = ()  # the FAM regions' files libvirt maps (/dev/shm/...)
+    shared_disks: tuple[Path, ...] = ()  # the disks every VM attaches
+    copy: bool = False  # full copies of the images, not overlays
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def check_name(name: str) -> str:
+    """A cluster's name, checked: it names libvirt objects, files and store keys."""
+    if not NAME_RE.match(name):
+        raise InputError(f"NAME: {name!r} is not a cluster name (expected a lower-case "
+                         "letter, then up to 23 lower-case letters, digits or dashes)")
+    return name
+
+
+def domain_name(user: str, cluster: str, index: int) -> str:
+    """``vc-root-fs-vm0``: a domain's name says whose, which cluster and which VM."""
+    return f"vc-{user}-{cluster}-vm{index}"
+
+
+def network_name(user: str, cluster: str, network: str) -> str:
+    return f"vc-{user}-{cluster}-{network}"
+
+
+def bridge_name(user: str, cluster: str, position: int) -> str:
+    """A bridge's name within Linux's 15 characters: ``vcp``, a hash of whose cluster, and
+    the network's position (libvirt refuses a name in use, should two hashes meet)."""
+    tag = zlib.crc32(f"{user}/{cluster}".encode()) & 0xFFFFFF
+    return f"vcp{tag:06x}n{position}"
+
+
+def shm_path(user: str, cluster: str, region: str) -> Path:
+    return Path("/dev/shm") / f"vcluster-{user}-{cluster}-{region}"
