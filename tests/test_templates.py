@@ -104,3 +104,39 @@ def test_field_errors(tmp_path: Path, text: str, message: str) -> None:
         load_config(tmp_path / "etc", tmp_path / "home")
     assert message in str(e.value)
     assert str(e.value).startswith(f"{tmp_path}/etc/templates.yaml:")
+
+
+def test_a_disk_is_formatted_and_mounted_by_cloud_init_and_bad_words_are_refused(
+        tmp_path: Path) -> None:
+    from vcluster.config.templates import parse_templates
+    from vcluster.errors import ConfigError
+    from vcluster.schema.source import load_yaml
+    from vcluster.vm.guest import disk_config
+
+    path = tmp_path / "templates.yaml"
+    path.write_text("a:\n  image: debian\n  disks:\n"
+                    "    - {name: data, size: 1G, format: ext4, mount: /data}\n"
+                    "    - {name: shared, size: 64M, shared: true}\n")
+    disks = parse_templates(load_yaml(path), path, "user")["a"].values["disks"]
+    assert [(d.name, d.format, d.mount, d.shared) for d in disks] == [
+        ("data", "ext4", "/data", False), ("shared", None, None, True)]
+    from vcluster.cluster import DiskPlan
+
+    class Vm:  # the one field disk_config reads
+        disks = (DiskPlan("data", 1 << 30, False, format="ext4", mount="/data"),
+                 DiskPlan("shared", 64 << 20, True))
+
+    assert disk_config(Vm()) == {  # type: ignore[arg-type]
+        "fs_setup": [{"device": "/dev/disk/by-id/virtio-data", "filesystem": "ext4",
+                      "label": "data", "partition": "none", "overwrite": False}],
+        "mounts": [["/dev/disk/by-id/virtio-data", "/data", "ext4", "defaults,nofail", "0",
+                    "2"]]}
+    bad = {"{name: d, size: 1G, format: ntfs}": r"format: 'ntfs' is not a file system",
+           "{name: d, size: 1G, format: ext4, shared: true}": r"a shared disk is formatted",
+           "{name: d, size: 1G, mount: data}": r"'data' is not an absolute path",
+           "{name: d, size: 1G, mount: /data}": r"an empty disk has no file system"}
+    for disk, message in bad.items():
+        path.write_text(f"a:\n  image: debian\n  disks: [{disk}]\n")
+        with pytest.raises(ConfigError, match=message) as e:
+            parse_templates(load_yaml(path), path, "user")
+        assert f"{path}:3" in str(e.value), e.value

@@ -84,6 +84,8 @@ class DiskPlan:
     image: str | None = None  # the image revision it starts as (NAME@REV), None: empty
     base: Path | None = None  # that revision's disk, the disk's backing file
     repository: Path | None = None  # where that image is
+    format: str | None = None  # the file system the guest makes on it at first boot
+    mount: str | None = None  # where the guest mounts it
 
 
 @dataclass(frozen=True)
@@ -210,21 +212,23 @@ def _disk(t: Template, disk: Disk, repos: Sequence[Path]) -> DiskPlan:
     from vcluster.images.repo import resolve_image
 
     if disk.image is None:
-        return DiskPlan(disk.name, disk.size, disk.shared)
+        return DiskPlan(disk.name, disk.size, disk.shared, format=disk.format,
+                        mount=disk.mount)
     origin = t.origins.get("disks", t.origin)
     where = f"{origin}: {t.name}.disks[{disk.name}].image"
     if disk.image.path is not None:
         if not disk.image.path.is_file():
             raise InputError(f"{where}: {disk.image.path}: no such file")
         return DiskPlan(disk.name, disk.size, disk.shared, str(disk.image.path),
-                        disk.image.path, None)
+                        disk.image.path, None, format=disk.format, mount=disk.mount)
     try:
         image = resolve_image(str(disk.image), repos)
     except ImageError as e:
         raise InputError(f"{where}: {e}") from e
     if image.disk is None:
         raise InputError(f"{where}: image {image.ref} is a kernel and initramfs, not a disk")
-    return DiskPlan(disk.name, disk.size, disk.shared, image.ref, image.disk, image.repo)
+    return DiskPlan(disk.name, disk.size, disk.shared, image.ref, image.disk, image.repo,
+                    format=disk.format, mount=disk.mount)
 
 
 def _nics(config: Config, t: Template, index: int, total: int) -> tuple[NicPlan, ...]:
@@ -290,6 +294,12 @@ def plan_cluster(config: Config, definition: str, *, cpus_per_task: int | None =
         t = config.templates[spec.template]
         if t.name not in boots:
             boots[t.name] = _boot(t, repos)
+            mounted = [d.name for d in t.disks if d.format or d.mount]
+            if mounted and boots[t.name].readiness is Readiness.TINY_INIT:
+                raise InputError(f"{t.origins.get('disks', t.origin)}: {t.name}.disks"
+                                 f"[{mounted[0]}]: the tiny image has no cloud-init to "
+                                 "format or mount a disk (expected an image with cloud-init, "
+                                 "such as debian, or no format and mount)")
         rs = config.resource_sets.get(t.resource_set or "default")
         fam = None
         if t.fam is not None:

@@ -69,6 +69,8 @@ class Disk:
     size: int | None  # None: the size of its image's disk
     shared: bool = False
     image: ImageRef | None = None  # its first content (a layer over it); None: empty
+    format: str | None = None  # a file system the guest makes on it at first boot
+    mount: str | None = None  # where the guest mounts it
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,12 @@ def _user_data(sec: Section, base: Path) -> UserData | None:
     return UserData(file=path)
 
 
+DISK_FORMATS = ("ext4", "xfs")
+
+
 def _disks(sec: Section, base: Path) -> tuple[Disk, ...]:
-    expected = "a list of mappings with size or image, and optionally name and shared"
+    expected = ("a list of mappings with size or image, and optionally name, shared, format "
+                "and mount")
     node = sec.raw("disks")
     if node is None:
         return ()
@@ -165,9 +171,24 @@ def _disks(sec: Section, base: Path) -> tuple[Disk, ...]:
     for i, item in enumerate(node.value):
         d = Section(item, f"{sec.path('disks')}[{i}]", expected)
         image = _image(d, base)
+        shared = d.boolean("shared", False)
+        fmt = d.string("format")
+        if fmt is not None and fmt not in DISK_FORMATS:
+            raise d.error("format", f"{fmt!r} is not a file system vcluster makes",
+                          " or ".join(DISK_FORMATS))
+        if fmt is not None and shared:
+            raise d.error("format", "a shared disk is formatted by the cluster file system "
+                          "that shares it (GFS2, OCFS2), not at boot",
+                          "no format on a shared disk")
+        mount = d.string("mount")
+        if mount is not None and not mount.startswith("/"):
+            raise d.error("mount", f"{mount!r} is not an absolute path", "a path such as /data")
+        if mount is not None and fmt is None and image is None:
+            raise d.error("mount", "an empty disk has no file system to mount",
+                          "format: ext4 (or an image with a file system) with mount")
         disk = Disk(name=_name(d, "name") or f"disk{i}",
-                    size=d.size("size", required=image is None),
-                    shared=d.boolean("shared", False), image=image)
+                    size=d.size("size", required=image is None), shared=shared, image=image,
+                    format=fmt, mount=mount)
         d.done()
         if any(other.name == disk.name for other in disks):
             raise d.error("name", f"duplicate disk name {disk.name!r}", "distinct disk names")

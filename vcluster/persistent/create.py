@@ -300,7 +300,8 @@ class Creator:
         fam = (SharedMemory(shm_path(self.user, self.name, vm.fam.name), vm.fam.size)
                if vm.fam else None)
         nics = [LibvirtNetwork(record.networks[nic.network]) for nic in vm.nics]
-        qemu = machine.vm_spec(spec, vm, files, accel=self._accel(spec, vm), nics=nics,
+        own = replace(vm, disks=tuple(d for d in vm.disks if not d.shared))
+        qemu = machine.vm_spec(spec, own, files, accel=self._accel(spec, vm), nics=nics,
                                fam=fam, binary=shutil.which(spec.plan.qemu_binary)
                                or spec.plan.qemu_binary)
         shared = tuple(Disk(p, fmt="raw", serial=p.stem.removeprefix("shared-"),

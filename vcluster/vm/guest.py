@@ -97,6 +97,27 @@ def host_key_config(key: KeyPair) -> dict[str, Any]:
             "ssh_deletekeys": True, "ssh_genkeytypes": []}
 
 
+def disk_device(name: str) -> str:
+    """Where the guest finds extra disk ``name``: udev's link for its virtio serial number
+    (which virtio-blk cuts at 20 characters)."""
+    return f"/dev/disk/by-id/virtio-{name[:20]}"
+
+
+def disk_config(vm: VmPlan) -> dict[str, Any]:
+    """cloud-init's settings for the VM's formatted and mounted disks: a file system made
+    at first boot (never over one that is there: a restart keeps the data), an fstab line."""
+    config: dict[str, Any] = {}
+    made = [{"device": disk_device(d.name), "filesystem": d.format, "label": d.name[:12],
+             "partition": "none", "overwrite": False} for d in vm.disks if d.format]
+    if made:
+        config["fs_setup"] = made
+    mounts = [[disk_device(d.name), d.mount, d.format or "auto", "defaults,nofail", "0", "2"]
+              for d in vm.disks if d.mount]
+    if mounts:
+        config["mounts"] = mounts
+    return config
+
+
 def _heredoc(path: str, text: str, tag: str) -> list[str]:
     """Shell lines writing ``text`` to ``path`` verbatim (quoted here-document)."""
     while any(line == tag for line in text.splitlines()):
@@ -142,6 +163,7 @@ def seed_files(spec: ClusterSpec, vm: VmPlan, *, given: dict[int, NicAddress] | 
         required = required_config(settings)
         if host_key is not None:
             required.update(host_key_config(host_key))
+        required.update(disk_config(vm))
         user_data = merge_user_data(vm.user_data, required)
     nics = interfaces(spec.job, vm, given)
     return SeedFiles(meta_data=meta_data(instance_id(spec.job, vm), vm.name),
