@@ -27,11 +27,15 @@ NAME = "famp"
 
 
 def owners(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Every file under the test images, with its owner, group and mode."""
+    """Every file of the test images' revisions, with its owner, group and mode (not the
+    build cache beside them)."""
     out = {}
-    for path in sorted(root.resolve().rglob("*")):
-        info = path.stat()
-        out[str(path)] = (info.st_uid, info.st_gid, info.st_mode)
+    for image in sorted(root.resolve().iterdir()):
+        if image.name.startswith("."):
+            continue
+        for path in sorted(image.rglob("*")):
+            info = path.stat()
+            out[str(path)] = (info.st_uid, info.st_gid, info.st_mode)
     return out
 
 

@@ -73,7 +73,7 @@ def test_every_vm_has_data_mounted_and_sees_the_shared_disk(fs: LocalUser) -> No
 def test_shutdown_and_start_keep_the_disks_addresses_and_host_keys(fs: LocalUser) -> None:
     run_in(fs, "vm1", "--", "sh", "-c", "echo kept-across-a-restart > /data/keep && sync")
     before = fs.run("cluster", "show", NAME).stdout
-    down = fs.run("cluster", "shutdown", NAME, "--timeout", "180", timeout=240)
+    down = fs.run("cluster", "shutdown", NAME, "--timeout", "300", timeout=360)
     assert down.returncode == 0, down.stdout + down.stderr
     assert "vm0: shut off" in down.stderr and "vm2: shut off" in down.stderr
     assert virsh("list", "--name").count(f"vc-root-{NAME}-") == 0

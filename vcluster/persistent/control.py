@@ -6,8 +6,9 @@ after a start, ``stopped`` after a shutdown or destroy), for ``ps``, ssh and
 exec.  ``start`` waits for every VM it started to print its ready line on
 its console (the log grows across boots: only what follows the start
 counts), printing each VM as it comes up.  ``shutdown`` asks the guest
-agent to power off, and presses ACPI's power button if it does not answer,
-then waits at most ``--timeout`` seconds; ``destroy`` pulls the plug.
+agent to power off and presses ACPI's power button too (the agent's
+silence is its answer either way), then waits at most ``--timeout``
+seconds; ``destroy`` pulls the plug.
 ``remove`` takes apart what the record lists (phase ``removing`` first, so
 a remove cut short is finished by running it again) and nothing else.
 """
@@ -186,13 +187,18 @@ def _power_down(cluster: Cluster, index: int, dom: libvirt.virDomain) -> None:
     from vcluster.vm.guestexec import GuestAgent, GuestAgentError
 
     files = VmFiles.of(cluster.record.workdir, index)
-    try:
-        with GuestAgent(files.guest_agent_socket, f"vm{index}") as agent:
-            agent.shutdown()
-        return
-    except GuestAgentError:
-        pass  # no agent, or it did not answer: the power button
-    virt.power_button(dom)
+    # no agent, or a busy one: the button below
+    with contextlib.suppress(GuestAgentError), \
+            GuestAgent(files.guest_agent_socket, f"vm{index}") as agent:
+        agent.shutdown()
+    # The power button as well: qemu-ga answers nothing when it complies, so its silence
+    # proves nothing; a guest powering off already takes no notice of it.
+    if virt.is_running(dom):
+        try:
+            virt.power_button(dom)
+        except virt.LibvirtError:
+            if virt.is_running(dom):  # not the guest going meanwhile
+                raise
 
 
 def destroy(store: ClusterStore, cluster: Cluster, vms: Sequence[str], *, say: Say) -> None:
