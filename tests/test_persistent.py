@@ -101,7 +101,7 @@ def test_what_cannot_be_done_is_one_line_and_changes_nothing(fam_cluster: LocalU
     assert running.returncode != 0 and "--force" in running.stderr, running.stderr
     assert f"vc-root-{NAME}-vm0" in virsh("list", "--name")
     no_vm = user.run("cluster", "start", NAME, "vm7")
-    assert no_vm.returncode != 0 and "no such VM" in no_vm.stderr
+    assert no_vm.returncode != 0 and "there is no vm7" in no_vm.stderr, no_vm.stderr
     unknown = user.run("cluster", "show", "nope")
     assert unknown.returncode != 0 and "no persistent cluster 'nope'" in unknown.stderr
     down = user.run("cluster", "create", "other", "tiny:1", "--connect",

@@ -53,6 +53,13 @@ def clusters() -> Iterator[ClusterStore]:
         yield ClusterStore(store, Keys(batch.store.prefix), user_name())
 
 
+def indexes(text: tuple[str, ...], count: int) -> list[int]:
+    """VMS (``vm0 vm2``, ``vm[0-1]``), checked against the cluster, as ``exec`` takes them."""
+    from vcluster.cli.exec import parse_vms
+
+    return parse_vms(",".join(text), count) if text else []
+
+
 def uri_of(given: str | None) -> str:
     from vcluster.cli.common import load_config
     from vcluster.persistent.virt import default_uri
@@ -122,7 +129,8 @@ def start(name: str, vms: tuple[str, ...], timeout: float | None) -> None:
     from vcluster.persistent import control
 
     with clusters() as store:
-        control.start(store, control.load(store, name), vms, timeout=timeout, say=say)
+        c = control.load(store, name)
+        control.start(store, c, indexes(vms, len(c.record.vms)), timeout=timeout, say=say)
 
 
 @cluster.command("shutdown")
@@ -135,7 +143,8 @@ def shutdown(name: str, vms: tuple[str, ...], timeout: float) -> None:
     from vcluster.persistent import control
 
     with clusters() as store:
-        control.shutdown(store, control.load(store, name), vms, timeout=timeout, say=say)
+        c = control.load(store, name)
+        control.shutdown(store, c, indexes(vms, len(c.record.vms)), timeout=timeout, say=say)
 
 
 @cluster.command("destroy")
@@ -146,7 +155,8 @@ def destroy(name: str, vms: tuple[str, ...]) -> None:
     from vcluster.persistent import control
 
     with clusters() as store:
-        control.destroy(store, control.load(store, name), vms, say=say)
+        c = control.load(store, name)
+        control.destroy(store, c, indexes(vms, len(c.record.vms)), say=say)
 
 
 @cluster.command("remove")

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 Say = Callable[[str], None]
 POLL = 0.05
-SHUTDOWN_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -52,20 +51,9 @@ class Cluster:
     def name(self) -> str:
         return self.record.name
 
-    def pick(self, vms: Sequence[str]) -> list[int]:
-        """The VMs ``vms`` name (all of them if none), checked."""
-        count = len(self.record.vms)
-        if not vms:
-            return list(range(count))
-        out = []
-        for text in vms:
-            digits = text.removeprefix("vm")
-            if not digits.isdigit() or int(digits) >= count:
-                raise InputError(f"VMS: {text!r}: cluster {self.name} has no such VM "
-                                 f"(expected vm0 to vm{count - 1})")
-            if int(digits) not in out:
-                out.append(int(digits))
-        return out
+    def pick(self, vms: Sequence[int]) -> list[int]:
+        """The VMs ``vms`` (indexes the CLI checked), all of them if none."""
+        return list(vms) or list(range(len(self.record.vms)))
 
 
 def load(store: ClusterStore, name: str) -> Cluster:
@@ -86,7 +74,7 @@ def _usable(cluster: Cluster) -> None:
                          "finish it)")
 
 
-def start(store: ClusterStore, cluster: Cluster, vms: Sequence[str], *,
+def start(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *,
           timeout: float | None, say: Say) -> None:
     """Start the VMs not running, and wait for each to be ready."""
     _usable(cluster)
@@ -155,7 +143,7 @@ def _record(cluster: Cluster, index: int, state: VmState) -> VmRecord:
                     ssh=ssh, host_key=pvm.host_key)
 
 
-def shutdown(store: ClusterStore, cluster: Cluster, vms: Sequence[str], *, timeout: float,
+def shutdown(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *, timeout: float,
              say: Say) -> None:
     """Power the running VMs down (guest agent, else ACPI) and wait at most ``timeout``."""
     _usable(cluster)
@@ -201,7 +189,7 @@ def _power_down(cluster: Cluster, index: int, dom: libvirt.virDomain) -> None:
                 raise
 
 
-def destroy(store: ClusterStore, cluster: Cluster, vms: Sequence[str], *, say: Say) -> None:
+def destroy(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *, say: Say) -> None:
     """Stop the VMs at once (their disks stay)."""
     conn = virt.connect(cluster.record.uri)
     try:

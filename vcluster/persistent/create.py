@@ -96,7 +96,7 @@ def check_plan(config: Config, plan: ClusterPlan) -> None:
                                  "needs a size")
 
 
-def _addresses(plan: ClusterPlan, config: Config, block: ipaddress.IPv4Network | None
+def _addresses(plan: ClusterPlan, block: ipaddress.IPv4Network | None
                ) -> dict[int, dict[int, NicAddress]]:
     """Each VM's nat NICs' addresses in ``block`` (VM ``i`` at ``i + 2``, the gateway first)."""
     from vcluster.networks.nat import gateway, vm_address
@@ -128,21 +128,22 @@ class Creator:
     def create(self, store: ClusterStore) -> PersistentRecord:
         plan = plan_cluster(self.config, self.definition)
         check_plan(self.config, plan)
-        self._refuse_existing(store, plan)
+        resuming = self._refuse_existing(store, plan)
         conn = virt.connect(self.uri)
         try:
-            return self._make(store, conn, plan)
+            return self._make(store, conn, plan, resuming)
         finally:
             conn.close()
 
-    def _refuse_existing(self, store: ClusterStore, plan: ClusterPlan) -> None:
+    def _refuse_existing(self, store: ClusterStore, plan: ClusterPlan) -> bool:
+        """Whether a create of this cluster was cut short (and is carried on)."""
         found = store.read(self.name)
         if found is None:
-            return
+            return False
         spec, record = found
         if record.phase is Phase.CREATING and spec.plan.definition == plan.definition:
             self.say(f"cluster {self.name}: its creation was cut short; making it anew")
-            return
+            return True
         if record.phase is Phase.CREATING:
             raise InputError(f"NAME: cluster {self.name} was cut short while being created "
                              f"from {spec.plan.definition} (expected the same definition "
@@ -152,12 +153,12 @@ class Creator:
                          f"cluster remove {self.name}` first)")
 
     def _make(self, store: ClusterStore, conn: libvirt.virConnect,
-              plan: ClusterPlan) -> PersistentRecord:
+              plan: ClusterPlan, resuming: bool) -> PersistentRecord:
         started = time.monotonic()
         networks = self._network_names(plan)
-        self._refuse_foreign(conn, plan, networks)
+        self._refuse_foreign(conn, plan, networks, resuming)
         block = self._block(conn, plan, networks)
-        given = _addresses(plan, self.config, block)
+        given = _addresses(plan, block)
         pair = sshkeys.generate(f"vcluster-cluster-{self.name}")
         spec = ClusterSpec(self.name, self.name, self.user, os.getuid(), time.time(),
                            pair.public, plan, mode=MODE, local=True)
@@ -193,15 +194,20 @@ class Creator:
         return {n: network_name(self.user, self.name, n) for n in dict.fromkeys(names)}
 
     def _refuse_foreign(self, conn: libvirt.virConnect, plan: ClusterPlan,
-                        networks: dict[str, str]) -> None:
-        """Names in libvirt already that this cluster did not make: refused, left alone."""
+                        networks: dict[str, str], resuming: bool) -> None:
+        """Names in libvirt already that this cluster did not make: refused, left alone
+        (a create cut short made its own, which it makes anew)."""
         from vcluster.persistent.domain import metadata_of
 
         for vm in plan.vms:
             dom = virt.domain(conn, domain_name(self.user, self.name, vm.index))
-            if dom is not None and metadata_of(dom.XMLDesc()) is None:
-                raise InputError(f"NAME: libvirt has a domain {dom.name()} that vcluster did "
-                                 "not make (expected another cluster name)")
+            if dom is not None and (not resuming or metadata_of(dom.XMLDesc()) is None):
+                raise InputError(f"NAME: libvirt has a domain {dom.name()} that is not of a "
+                                 "cluster being made (expected another cluster name)")
+        for name in networks.values():
+            if not resuming and virt.network(conn, name) is not None:
+                raise InputError(f"NAME: libvirt has a network {name} that is not of a "
+                                 "cluster being made (expected another cluster name)")
 
     def _block(self, conn: libvirt.virConnect, plan: ClusterPlan,
                networks: dict[str, str]) -> ipaddress.IPv4Network | None:

@@ -70,26 +70,24 @@ def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
         raise LibvirtError(f"{what}: {message(e)}") from None
 
 
-def domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
-    """The domain named ``name``, None if there is none."""
+def _lookup(what: str, find: Callable[[str], Any], name: str, missing: int) -> Any:
     lv = _module()
     try:
-        return conn.lookupByName(name)
+        return find(name)
     except lv.libvirtError as e:
-        if e.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
+        if e.get_error_code() == missing:
             return None
-        raise LibvirtError(f"domain {name}: {message(e)}") from None
+        raise LibvirtError(f"{what} {name}: {message(e)}") from None
+
+
+def domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    """The domain named ``name``, None if there is none."""
+    return _lookup("domain", conn.lookupByName, name, _module().VIR_ERR_NO_DOMAIN)
 
 
 def network(conn: libvirt.virConnect, name: str) -> libvirt.virNetwork | None:
     """The network named ``name``, None if there is none."""
-    lv = _module()
-    try:
-        return conn.networkLookupByName(name)
-    except lv.libvirtError as e:
-        if e.get_error_code() == lv.VIR_ERR_NO_NETWORK:
-            return None
-        raise LibvirtError(f"network {name}: {message(e)}") from None
+    return _lookup("network", conn.networkLookupByName, name, _module().VIR_ERR_NO_NETWORK)
 
 
 def is_running(dom: libvirt.virDomain) -> bool:
