@@ -2,14 +2,19 @@
 says (no systemd here: ``virtlogd`` and ``libvirtd`` run by hand), stopped by PID.
 
 A libvirtd that answers already (a developer's, or systemd's) is used as it is
-and left running.  ``virsh`` lines are for looking, as a user would.
+and left running.  One the test starts runs under ``helpers/reaper.py``,
+which reaps its QEMUs once they exit (see there why pytest cannot).
+``virsh`` lines are for looking, as a user would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +22,7 @@ from pathlib import Path
 import pytest
 
 SOCKET = Path("/run/libvirt/libvirt-sock")
+REAPER = Path(__file__).resolve().parent / "helpers" / "reaper.py"
 START_TIMEOUT = 30.0
 
 
@@ -45,9 +51,9 @@ def running_libvirtd() -> Iterator[None]:
         return
     started: list[subprocess.Popen[bytes]] = []
     try:
-        for argv in ("virtlogd", "libvirtd"):
-            started.append(subprocess.Popen([argv], stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL,
+        for daemon in ("virtlogd", "libvirtd"):
+            started.append(subprocess.Popen([sys.executable, str(REAPER), daemon],
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL, start_new_session=True))
         deadline = time.monotonic() + START_TIMEOUT
         while not answers():
@@ -63,6 +69,6 @@ def running_libvirtd() -> Iterator[None]:
             proc.terminate()
             try:
                 proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            except subprocess.TimeoutExpired:  # the reaper and its daemon: one process group
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
