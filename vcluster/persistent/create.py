@@ -182,7 +182,8 @@ class Creator:
             self._define_domain(conn, spec, vm, pvm, record)
         done = replace(record, phase=Phase.DEFINED)
         store.finish(spec, done, [self._stopped(pvm) for pvm in record.vms])
-        self.say(f"cluster {self.name}: {len(plan.vms)} VMs defined in "
+        count = len(plan.vms)
+        self.say(f"cluster {self.name}: {count} VM{'s' if count > 1 else ''} defined in "
                  f"{time.monotonic() - started:.1f} s (start them with `vcluster cluster "
                  f"start {self.name}`)")
         return done
