@@ -20,6 +20,10 @@ FAM_PCI_ADDR = 0x4
 """The PCI slot of the ivshmem device: pinned, so the guest path is stable
 (``/sys/bus/pci/devices/0000:00:04.0/resource2``)."""
 
+# A persistent VM's disk N is libvirt's device ``ua-diskN`` (libvirt's prefix for aliases
+# given by the user), as a job VM's QEMU names its drive ``diskN``: save finds either.
+DISK_ALIAS_PREFIX = "ua-"
+
 SEED_INTERFACES = ("virtio", "cdrom")
 
 

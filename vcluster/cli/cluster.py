@@ -159,6 +159,30 @@ def destroy(name: str, vms: tuple[str, ...]) -> None:
         control.destroy(store, c, indexes(vms, len(c.record.vms)), say=say)
 
 
+@cluster.command("clone")
+@click.argument("name")
+@click.argument("vm")
+@click.argument("newvm")
+def clone(name: str, vm: str, newvm: str) -> None:
+    """Add NEWVM to cluster NAME: a copy of VM's disk, with an identity of its own.
+
+    NEWVM is the cluster's next VM (vm3 after vm0 to vm2). It gets its own
+    hostname, MAC, addresses, machine-id and ssh host keys, new extra disks,
+    the cluster's shared disks, and joins the cluster's networks. VM must be
+    shut off, so that its disk holds still while copied. Start NEWVM with
+    `vcluster cluster start NAME NEWVM`. A clone cut short is finished by
+    running it again. The other VMs' /etc/hosts do not list NEWVM.
+    """
+    from vcluster.cli.common import load_config
+    from vcluster.persistent import control
+    from vcluster.persistent.clone import clone as make
+
+    with clusters() as store:
+        c = control.load(store, name)
+        [source] = indexes((vm,), len(c.record.vms))
+        make(load_config(), store, c, source, newvm, say=say)
+
+
 @cluster.command("remove")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Stop running VMs at once instead of refusing.")

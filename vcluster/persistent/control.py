@@ -27,7 +27,7 @@ from vcluster.errors import InputError, VclusterError
 from vcluster.hostpaths import VmFiles
 from vcluster.lifecycle import VmState
 from vcluster.persistent import virt
-from vcluster.persistent.record import PersistentRecord, Phase
+from vcluster.persistent.record import PersistentRecord, Phase, shared_disk
 from vcluster.persistent.store import ClusterStore
 from vcluster.store.records import VmRecord
 from vcluster.vm import guest
@@ -62,10 +62,16 @@ def load(store: ClusterStore, name: str) -> Cluster:
         names = ", ".join(store.names()) or "none"
         raise InputError(f"NAME: you have no persistent cluster {name!r} (expected one of: "
                          f"{names}; `vcluster cluster list` shows them)")
-    return Cluster(*found)
+    spec, record = found
+    if len(spec.plan.vms) != len(record.vms):  # a clone cut short between two writes
+        cloning = record.extra.get("cloning", f"vm{len(record.vms) - 1}")
+        raise InputError(f"NAME: cluster {name}: the clone of {cloning} was cut short "
+                         f"(expected `vcluster cluster clone {name} VM {cloning}` to finish "
+                         "it)")
+    return Cluster(spec, record)
 
 
-def _usable(cluster: Cluster) -> None:
+def usable(cluster: Cluster) -> None:
     phase = cluster.record.phase
     if phase is not Phase.DEFINED:
         again = "create" if phase is Phase.CREATING else "remove"
@@ -77,7 +83,7 @@ def _usable(cluster: Cluster) -> None:
 def start(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *,
           timeout: float | None, say: Say) -> None:
     """Start the VMs not running, and wait for each to be ready."""
-    _usable(cluster)
+    usable(cluster)
     picked = cluster.pick(vms)
     conn = virt.connect(cluster.record.uri)
     try:
@@ -94,7 +100,7 @@ def start(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *,
             watcher = LogWatcher(files.console_log, guest.ready_marker(plan))
             watcher.skip_to_end()
             virt.call(f"start {pvm.domain}", dom.create)
-            store.put_vm(cluster.name, index, _record(cluster, index, VmState.BOOTING))
+            store.put_vm(cluster.name, index, vm_record(cluster, index, VmState.BOOTING))
             waiting[index] = watcher
         if waiting:
             say(f"{cluster.name}: started {', '.join(f'vm{i}' for i in waiting)}; waiting "
@@ -114,7 +120,7 @@ def _wait_ready(store: ClusterStore, conn: libvirt.virConnect, cluster: Cluster,
         for index, watcher in list(waiting.items()):
             if watcher.poll():
                 del waiting[index]
-                store.put_vm(cluster.name, index, _record(cluster, index, VmState.READY))
+                store.put_vm(cluster.name, index, vm_record(cluster, index, VmState.READY))
                 say(f"{cluster.name}: vm{index}: ready ({time.monotonic() - started:.1f} s)")
             elif not virt.is_running(_domain(conn, cluster.record.vms[index].domain)):
                 raise VclusterError(f"{cluster.name}: vm{index} stopped before it was ready "
@@ -134,7 +140,7 @@ def _domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
     return dom
 
 
-def _record(cluster: Cluster, index: int, state: VmState) -> VmRecord:
+def vm_record(cluster: Cluster, index: int, state: VmState) -> VmRecord:
     from vcluster.store.records import SshEndpoint
 
     pvm = cluster.record.vms[index]
@@ -146,7 +152,7 @@ def _record(cluster: Cluster, index: int, state: VmState) -> VmRecord:
 def shutdown(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *, timeout: float,
              say: Say) -> None:
     """Power the running VMs down (guest agent, else ACPI) and wait at most ``timeout``."""
-    _usable(cluster)
+    usable(cluster)
     conn = virt.connect(cluster.record.uri)
     try:
         running = {}
@@ -159,7 +165,7 @@ def shutdown(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *, timeo
         late = []
         for index, dom in running.items():
             if virt.wait_stopped(dom, max(0.0, deadline - time.monotonic())):
-                store.put_vm(cluster.name, index, _record(cluster, index, VmState.STOPPED))
+                store.put_vm(cluster.name, index, vm_record(cluster, index, VmState.STOPPED))
                 say(f"{cluster.name}: vm{index}: shut off")
             else:
                 late.append(f"vm{index}")
@@ -198,7 +204,7 @@ def destroy(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *, say: S
             if virt.is_running(dom):
                 virt.call(f"destroy {dom.name()}", dom.destroy)
                 say(f"{cluster.name}: vm{index}: destroyed")
-            store.put_vm(cluster.name, index, _record(cluster, index, VmState.STOPPED))
+            store.put_vm(cluster.name, index, vm_record(cluster, index, VmState.STOPPED))
     finally:
         conn.close()
 
@@ -266,7 +272,7 @@ def show(cluster: Cluster) -> list[VmView]:
             files = VmFiles.of(cluster.record.workdir, pvm.index)
             disks = [str(files.overlay)] if plan.boot.kind == "disk" else []
             disks += [str(files.disk(d.name)) if not d.shared else
-                      str(cluster.record.workdir / f"shared-{d.name}.raw") for d in plan.disks]
+                      str(shared_disk(cluster.record.workdir, d.name)) for d in plan.disks]
             fam = next((str(p) for p in cluster.record.shm
                         if plan.fam and p.name.endswith(f"-{plan.fam.name}")), None)
             out.append(VmView(plan.name, pvm.domain,

@@ -41,6 +41,7 @@ from vcluster.persistent.record import (
     check_name,
     domain_name,
     network_name,
+    shared_disk,
     shm_path,
 )
 from vcluster.persistent.store import ClusterStore
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     import libvirt
 
 Say = Callable[[str], None]
+CLONE_ROOM = 8  # addresses a cluster's nat block keeps for VMs cloned later
 
 
 def nat_block(subnet: ipaddress.IPv4Network, vms: int,
@@ -172,7 +174,7 @@ class Creator:
             networks=networks,
             shm=tuple(sorted({shm_path(self.user, self.name, vm.fam.name)
                               for vm in plan.vms if vm.fam})),
-            shared_disks=tuple(sorted({workdir / f"shared-{d.name}.raw"
+            shared_disks=tuple(sorted({shared_disk(workdir, d.name)
                                        for vm in plan.vms for d in vm.disks if d.shared})),
             copy=self.copy)
         store.begin(spec, record, pair)
@@ -223,7 +225,7 @@ class Creator:
         subnet = settings.subnet
         taken = [ip for net in conn.listAllNetworks() if net.name() != networks[nat[0]]
                  for ip in network_ips(net)]  # a create cut short: its own does not count
-        return nat_block(subnet, len(plan.vms), taken)
+        return nat_block(subnet, len(plan.vms) + CLONE_ROOM, taken)
 
     def _vm(self, vm: VmPlan, given: dict[int, NicAddress], host_key: str) -> PersistentVm:
         addresses = tuple(a.address.split("/")[0] for a in guest.nic_addresses(vm, given))
@@ -250,7 +252,7 @@ class Creator:
         workdir.mkdir(mode=0o700)
         for path in record.shared_disks:
             disk = next(d for vm in plan.vms for d in vm.disks
-                        if d.shared and path.name == f"shared-{d.name}.raw")
+                        if d.shared and path == shared_disk(workdir, d.name))
             assert disk.size is not None  # check_plan
             run(["qemu-img", "create", "-q", "-f", "raw", str(path), str(disk.size)],
                 timeout=QEMU_IMG_TIMEOUT)
@@ -303,29 +305,43 @@ class Creator:
             if virt.is_running(old):
                 virt.call(f"stop {pvm.domain}", old.destroy)
             virt.undefine(old)
-        files = VmFiles.of(record.workdir, vm.index)
-        fam = (SharedMemory(shm_path(self.user, self.name, vm.fam.name), vm.fam.size)
-               if vm.fam else None)
-        nics = [LibvirtNetwork(record.networks[nic.network]) for nic in vm.nics]
-        own = replace(vm, disks=tuple(d for d in vm.disks if not d.shared))
-        qemu = machine.vm_spec(spec, own, files, accel=self._accel(spec, vm), nics=nics,
-                               fam=fam, binary=shutil.which(spec.plan.qemu_binary)
-                               or spec.plan.qemu_binary)
-        shared = tuple(Disk(p, fmt="raw", serial=p.stem.removeprefix("shared-"),
-                            shareable=True) for p in record.shared_disks
-                       if any(d.shared and p.stem == f"shared-{d.name}" for d in vm.disks))
-        qemu = replace(qemu, qmp_socket=None, disks=qemu.disks + shared)
-        xml = domain_xml(qemu, name=pvm.domain, owner=(os.getuid(), os.getgid()),
-                         metadata=to_json(record),
-                         title=f"vcluster {self.name} {vm.name} ({vm.template})")
-        virt.call(f"define domain {pvm.domain}", conn.defineXML, xml)
+        define_domain(conn, spec, vm, pvm, record,
+                      accel=accel_for(self.config, spec, vm))
 
-    def _accel(self, spec: ClusterSpec, vm: VmPlan) -> str:
-        from vcluster.vm.accel import choose_accel
 
-        accel = choose_accel(spec.plan.accel, binary=spec.plan.qemu_binary,
-                             kernel=vm.boot.kernel, cache_dir=self.layout.run)
-        return accel.name
+def accel_for(config: Config, spec: ClusterSpec, vm: VmPlan) -> str:
+    """The accelerator VM ``vm`` runs with (a plan's ``auto`` chosen, as alloc chooses it)."""
+    from vcluster.vm.accel import choose_accel
+
+    accel = choose_accel(spec.plan.accel, binary=spec.plan.qemu_binary, kernel=vm.boot.kernel,
+                         cache_dir=config.batch.directories.layout.run)
+    return accel.name
+
+
+def define_domain(conn: libvirt.virConnect, spec: ClusterSpec, vm: VmPlan, pvm: PersistentVm,
+                  record: PersistentRecord, *, accel: str, append: str = "") -> None:
+    """Define ``vm``'s domain: its files in the record's directory, its NICs on the
+    cluster's networks, the shared disks, the record in its metadata; ``append`` goes on
+    the kernel's command line after the image's."""
+    files = VmFiles.of(record.workdir, vm.index)
+    fam = (SharedMemory(shm_path(spec.user, record.name, vm.fam.name), vm.fam.size)
+           if vm.fam else None)
+    nics = [LibvirtNetwork(record.networks[nic.network]) for nic in vm.nics]
+    own = replace(vm, disks=tuple(d for d in vm.disks if not d.shared))
+    qemu = machine.vm_spec(spec, own, files, accel=accel, nics=nics, fam=fam,
+                           binary=shutil.which(spec.plan.qemu_binary) or spec.plan.qemu_binary)
+    # disk i as the plan numbers them (the root disk first), as save names them: diskN
+    root = 1 if vm.boot.kind == "disk" else 0
+    own_disks = iter(qemu.disks[root:])
+    disks = [*qemu.disks[:root],
+             *(Disk(shared_disk(record.workdir, d.name), fmt="raw", serial=d.name,
+                    shareable=True) if d.shared else next(own_disks) for d in vm.disks)]
+    qemu = replace(qemu, qmp_socket=None, disks=tuple(disks),
+                   append=" ".join(a for a in (qemu.append, append) if a))
+    xml = domain_xml(qemu, name=pvm.domain, owner=(spec.uid, os.getgid()),
+                     metadata=to_json(record),
+                     title=f"vcluster {record.name} {vm.name} ({vm.template})")
+    virt.call(f"define domain {pvm.domain}", conn.defineXML, xml)
 
 
 def create(config: Config, name: str, definition: str, *, copy: bool, uri: str,

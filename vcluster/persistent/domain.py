@@ -26,7 +26,14 @@ import os
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from vcluster.qemu import FAM_PCI_ADDR, LibvirtNetwork, VmSpec, guest_agent_args, qmp_args
+from vcluster.qemu import (
+    DISK_ALIAS_PREFIX,
+    FAM_PCI_ADDR,
+    LibvirtNetwork,
+    VmSpec,
+    guest_agent_args,
+    qmp_args,
+)
 
 METADATA_NS = "https://vcluster.invalid/xmlns/cluster/1"
 METADATA_PREFIX = "vcluster"
@@ -88,6 +95,7 @@ def _disks(devices: ET.Element, spec: VmSpec) -> None:
             _sub(element, "driver", name="qemu", type=disk.fmt)
         _sub(element, "source", file=os.fspath(disk.path))
         _sub(element, "target", dev=disk_target(i), bus="virtio")
+        _sub(element, "alias", name=f"{DISK_ALIAS_PREFIX}disk{i}")
         if disk.serial is not None:
             _sub(element, "serial", disk.serial)
         if disk.readonly:

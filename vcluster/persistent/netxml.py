@@ -51,8 +51,17 @@ def nat_network_xml(name: str, bridge: str, mtu: int, block: ipaddress.IPv4Netwo
     for lease in leases:
         if lease.address not in block:
             raise ValueError(f"{lease.name}'s address {lease.address} is not in {block}")
-        ET.SubElement(dhcp, "host", mac=lease.mac, name=lease.name, ip=str(lease.address))
+        dhcp.append(_host(lease))
     return _text(network)
+
+
+def _host(lease: Lease) -> ET.Element:
+    return ET.Element("host", mac=lease.mac, name=lease.name, ip=str(lease.address))
+
+
+def lease_xml(lease: Lease) -> str:
+    """One reservation, as ``virNetwork.update`` adds it to a running network."""
+    return ET.tostring(_host(lease), encoding="unicode")
 
 
 def private_network_xml(name: str, bridge: str, mtu: int) -> str:

@@ -87,3 +87,8 @@ def bridge_name(user: str, cluster: str, position: int) -> str:
 
 def shm_path(user: str, cluster: str, region: str) -> Path:
     return Path("/dev/shm") / f"vcluster-{user}-{cluster}-{region}"
+
+
+def shared_disk(workdir: Path, disk: str) -> Path:
+    """The one image of the cluster's shared disk ``disk``, which every VM attaches."""
+    return workdir / f"shared-{disk}.raw"

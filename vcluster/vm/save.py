@@ -38,6 +38,7 @@ from typing import Any
 from vcluster.errors import VclusterError
 from vcluster.hostpaths import VmFiles
 from vcluster.images.repo import Image, ImageInfo, Repository
+from vcluster.qemu import DISK_ALIAS_PREFIX
 from vcluster.run import run
 from vcluster.vm.control import Qmp, QmpError
 
@@ -198,10 +199,22 @@ def _wait_job(qmp: Qmp, job_id: str, progress: Callable[[int, int], None],
         time.sleep(JOB_POLL)
 
 
-def _virtual_size(qmp: Qmp, device: str) -> int:
+def _block(qmp: Qmp, device: str) -> tuple[str, int]:
+    """What blockdev-backup copies for disk ``device`` (``disk0``...), and its virtual size.
+
+    A job VM's QEMU names the drive ``device``; a persistent VM's (libvirt's
+    -blockdev) has the disk at its device alias ``ua-<device>`` and names the
+    node itself."""
+    alias = f"/machine/peripheral/{DISK_ALIAS_PREFIX}{device}/"
     for block in qmp.execute("query-block"):
-        if block.get("device") == device and "inserted" in block:
-            return int(block["inserted"]["image"]["virtual-size"])
+        inserted = block.get("inserted")
+        if inserted is None:
+            continue
+        size = int(inserted["image"]["virtual-size"])
+        if block.get("device") == device:
+            return device, size
+        if str(block.get("qdev", "")).startswith(alias):
+            return str(inserted["node-name"]), size
     raise SaveError(f"QEMU has no disk {device!r}: nothing to save")
 
 
@@ -264,7 +277,7 @@ def _save(request: SaveRequest, files: VmFiles, qmp: Qmp, staging: Path,
     source = request.source
     _forget_stale(qmp)
     target = staging / "disk.qcow2"
-    size = _virtual_size(qmp, request.device)
+    device, size = _block(qmp, request.device)
     if request.layered:
         assert source is not None and source.disk is not None
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b",
@@ -279,7 +292,7 @@ def _save(request: SaveRequest, files: VmFiles, qmp: Qmp, staging: Path,
     started = time.monotonic()
     try:
         with _frozen(files, request.freeze, say):
-            backup: dict[str, Any] = {"job-id": job_id, "device": request.device, "target": node,
+            backup: dict[str, Any] = {"job-id": job_id, "device": device, "target": node,
                                       "sync": "top" if request.layered else "full",
                                       "auto-dismiss": False}
             if not request.layered:
