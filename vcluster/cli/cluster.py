@@ -24,7 +24,10 @@ def cluster() -> None:
     often as you like, reboot its VMs, clone one; console, ssh, scp, exec and
     save reach it with -C NAME. Each cluster has its own libvirt networks (its
     nat network with a DHCP reservation per VM, its private network) and
-    directory; remove takes away all of it and nothing else.
+    directory; remove takes away all of it and nothing else. As root the
+    VMs are qemu:///system's; as a normal user they are on your own
+    qemu:///session, with QEMU's user-mode NAT and a multicast segment on
+    loopback as networks (nothing needs root).
 
     \b
         vcluster cluster create fs debian:3

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from vcluster.cluster import ClusterPlan
 from vcluster.errors import ResourceError
 from vcluster.hostpaths import HostLayout
 from vcluster.networks.nat import KIND as NAT
+from vcluster.networks.nat import free_port
 from vcluster.networks.private import KIND as PRIVATE
 from vcluster.run import spawn, stop
 from vcluster.vm.userdevices import LocalDevices, Port, VmPorts
@@ -52,14 +52,6 @@ def missing_tools(plan: ClusterPlan) -> str | None:
         return (f"{SWITCH} not found: a normal user's private network is a user-space switch "
                 "(install the vde2 package: apt-get install vde2)")
     return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

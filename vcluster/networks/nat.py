@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 from dataclasses import dataclass
 
 from vcluster.errors import InputError
@@ -68,3 +69,12 @@ def parse(name: str, section: Section) -> NatNetwork:
     )
     section.done()
     return net
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (the kernel picks it): where a VM on QEMU's
+    user-mode NAT (a local or session cluster's nat network) has its ssh forwarded from."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -35,9 +35,10 @@ from vcluster.config.loader import Config
 from vcluster.errors import InputError
 from vcluster.hostpaths import VmFiles
 from vcluster.lifecycle import VmState
+from vcluster.networks.nat import free_port
 from vcluster.persistent import netxml, virt
 from vcluster.persistent.control import Cluster, Say, usable, vm_record
-from vcluster.persistent.create import accel_for, define_domain, network_ips
+from vcluster.persistent.create import accel_for, define_domain, network_ips, session_address
 from vcluster.persistent.record import PersistentRecord, PersistentVm, domain_name
 from vcluster.persistent.store import ClusterStore
 from vcluster.run import run
@@ -76,8 +77,10 @@ def _private_address(source: NicPlan, source_index: int, index: int) -> str | No
 
 
 def plan_clone(spec: ClusterSpec, record: PersistentRecord, source: int, index: int,
-               nat: ipaddress.IPv4Network | None, host_key: str) -> ClonePlan:
-    """VM ``index`` of the cluster, a copy of VM ``source``'s plan with its own addresses."""
+               nat: ipaddress.IPv4Network | None, host_key: str,
+               ssh_port: int | None = None) -> ClonePlan:
+    """VM ``index`` of the cluster, a copy of VM ``source``'s plan with its own addresses
+    (in a session: the user-mode NAT's, and ssh forwarded from ``ssh_port``)."""
     from vcluster.networks.nat import gateway, vm_address
 
     old = spec.plan.vms[source]
@@ -86,6 +89,9 @@ def plan_clone(spec: ClusterSpec, record: PersistentRecord, source: int, index: 
     given: dict[int, NicAddress] = {}
     for n, nic in enumerate(nics):
         if nic.type != "nat":
+            continue
+        if record.session:
+            given[n] = session_address()
             continue
         if nat is None:
             raise InputError(f"cluster {record.name}: its nat network has no address "
@@ -97,9 +103,13 @@ def plan_clone(spec: ClusterSpec, record: PersistentRecord, source: int, index: 
         given[n] = NicAddress(f"{address}/{nat.prefixlen}", str(gateway(nat)))
     addresses = tuple(a.address.split("/")[0] for a in guest.nic_addresses(vm, given))
     ssh = [given[n].address.split("/")[0] for n in sorted(given)]
-    pvm = PersistentVm(index, domain_name(spec.user, record.name, index), addresses,
-                       ssh[0] if ssh else None, host_key)
-    return ClonePlan(vm, given, pvm)
+    name = domain_name(spec.user, record.name, index)
+    if record.session and ssh:
+        assert ssh_port is not None
+        return ClonePlan(vm, given, PersistentVm(index, name, addresses, "127.0.0.1", host_key,
+                                                 ssh_port))
+    return ClonePlan(vm, given, PersistentVm(index, name, addresses, ssh[0] if ssh else None,
+                                             host_key))
 
 
 def _new_index(cluster: Cluster, new_name: str) -> tuple[int, bool]:
@@ -220,7 +230,9 @@ def clone(config: Config, store: ClusterStore, cluster: Cluster, source: int, ne
                              f"disk holds still while copied: `vcluster cluster shutdown "
                              f"{cluster.name} vm{source}`)")
         pair = sshkeys.generate(f"vcluster-{cluster.name}-{new_name}")
-        plan = plan_clone(spec, record, source, index, _nat_block(conn, cluster), pair.public)
+        nat = None if record.session else _nat_block(conn, cluster)
+        plan = plan_clone(spec, record, source, index, nat, pair.public,
+                          free_port() if record.session else None)
         base = replace(record, vms=record.vms[:index]) if resuming else record
         spec = replace(spec, plan=replace(spec.plan, vms=(*spec.plan.vms[:index], plan.vm)))
         record = replace(base, vms=(*base.vms, plan.pvm),
@@ -232,7 +244,8 @@ def clone(config: Config, store: ClusterStore, cluster: Cluster, source: int, ne
         say(f"cluster {cluster.name}: {new_name}: a copy of vm{source}'s disk, new disks "
             "and seed")
         _files(cluster, spec, source, plan, pair)
-        _reserve(conn, cluster, plan)
+        if not record.session:  # a session's nat is QEMU's: no DHCP of libvirt's
+            _reserve(conn, cluster, plan)
         machine_id = uuid.uuid4().hex
         define_domain(conn, spec, plan.vm, plan.pvm, record,
                       accel=accel_for(config, spec, plan.vm),

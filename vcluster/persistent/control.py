@@ -103,8 +103,9 @@ def start(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *,
             store.put_vm(cluster.name, index, vm_record(cluster, index, VmState.BOOTING))
             waiting[index] = watcher
         if waiting:
+            them = "them" if len(waiting) > 1 else "it"
             say(f"{cluster.name}: started {', '.join(f'vm{i}' for i in waiting)}; waiting "
-                "for them to be ready")
+                f"for {them} to be ready")
         _wait_ready(store, conn, cluster, waiting, started, timeout, say)
     finally:
         conn.close()
@@ -144,7 +145,7 @@ def vm_record(cluster: Cluster, index: int, state: VmState) -> VmRecord:
     from vcluster.store.records import SshEndpoint
 
     pvm = cluster.record.vms[index]
-    ssh = SshEndpoint(pvm.ssh_address, 22) if pvm.ssh_address else None
+    ssh = SshEndpoint(pvm.ssh_address, pvm.ssh_port) if pvm.ssh_address else None
     return VmRecord(state, host="localhost", addresses=pvm.addresses, since=time.time(),
                     ssh=ssh, host_key=pvm.host_key)
 

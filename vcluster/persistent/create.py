@@ -24,13 +24,15 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from vcluster import sshkeys
-from vcluster.cluster import ClusterPlan, ClusterSpec, VmPlan, mac_address, plan_cluster
+from vcluster.cluster import ClusterPlan, ClusterSpec, NicPlan, VmPlan, mac_address, plan_cluster
 from vcluster.config.loader import Config
 from vcluster.errors import InputError
 from vcluster.hostpaths import VmFiles
 from vcluster.identity import user_name
-from vcluster.networks.nat import NatNetwork
+from vcluster.lifecycle import VmState
+from vcluster.networks.nat import NatNetwork, free_port
 from vcluster.persistent import netxml, virt
+from vcluster.persistent.control import Cluster, vm_record
 from vcluster.persistent.domain import domain_xml
 from vcluster.persistent.record import (
     MODE,
@@ -41,14 +43,15 @@ from vcluster.persistent.record import (
     check_name,
     domain_name,
     network_name,
+    segment,
     shared_disk,
     shm_path,
 )
 from vcluster.persistent.store import ClusterStore
-from vcluster.qemu import Disk, LibvirtNetwork, SharedMemory
+from vcluster.qemu import Disk, LibvirtNetwork, Multicast, NicBackend, SharedMemory, UserNet
 from vcluster.run import run
 from vcluster.seed import write_seed
-from vcluster.store.records import SshEndpoint, VmRecord, to_json
+from vcluster.store.records import to_json
 from vcluster.vm import guest, machine
 from vcluster.vm.disks import QEMU_IMG_TIMEOUT, image_format, make_disks
 from vcluster.vm.guest import NicAddress
@@ -98,19 +101,43 @@ def check_plan(config: Config, plan: ClusterPlan) -> None:
                                  "needs a size")
 
 
-def _addresses(plan: ClusterPlan, block: ipaddress.IPv4Network | None
+def session_address() -> NicAddress:
+    """A session VM's nat NIC: on QEMU's user-mode NAT, each VM's its own (slirp's
+    defaults, as a rootless local cluster's)."""
+    net = UserNet()
+    return NicAddress(f"{net.guest}/{ipaddress.IPv4Network(net.net).prefixlen}", net.gateway)
+
+
+def _addresses(plan: ClusterPlan, block: ipaddress.IPv4Network | None, session: bool
                ) -> dict[int, dict[int, NicAddress]]:
-    """Each VM's nat NICs' addresses in ``block`` (VM ``i`` at ``i + 2``, the gateway first)."""
+    """Each VM's nat NICs' addresses in ``block`` (VM ``i`` at ``i + 2``, the gateway first),
+    or in a session the user-mode NAT's."""
     from vcluster.networks.nat import gateway, vm_address
 
     given: dict[int, dict[int, NicAddress]] = {}
     for vm in plan.vms:
         for n, nic in enumerate(vm.nics):
-            if nic.type == "nat":
-                assert block is not None
-                given.setdefault(vm.index, {})[n] = NicAddress(
-                    f"{vm_address(block, vm.index)}/{block.prefixlen}", str(gateway(block)))
+            if nic.type != "nat":
+                continue
+            if session:
+                given.setdefault(vm.index, {})[n] = session_address()
+                continue
+            assert block is not None
+            given.setdefault(vm.index, {})[n] = NicAddress(
+                f"{vm_address(block, vm.index)}/{block.prefixlen}", str(gateway(block)))
     return given
+
+
+def nic_backend(record: PersistentRecord, user: str, pvm: PersistentVm,
+                nic: NicPlan) -> NicBackend:
+    """Where a VM's NIC is: its libvirt network, or in a session QEMU's own (user-mode NAT
+    with ssh forwarded, a multicast segment for a private network)."""
+    if not record.session:
+        return LibvirtNetwork(record.networks[nic.network])
+    if nic.type == "nat":
+        return UserNet(ssh_port=pvm.ssh_port)
+    group, port = segment(user, record.name, nic.network)
+    return Multicast(group, port)
 
 
 class Creator:
@@ -126,6 +153,7 @@ class Creator:
         self.say = say
         self.user = user_name()
         self.layout = config.batch.directories.layout
+        self.session = virt.is_session(uri)
 
     def create(self, store: ClusterStore) -> PersistentRecord:
         plan = plan_cluster(self.config, self.definition)
@@ -160,7 +188,7 @@ class Creator:
         networks = self._network_names(plan)
         self._refuse_foreign(conn, plan, networks, resuming)
         block = self._block(conn, plan, networks)
-        given = _addresses(plan, block)
+        given = _addresses(plan, block, self.session)
         pair = sshkeys.generate(f"vcluster-cluster-{self.name}")
         spec = ClusterSpec(self.name, self.name, self.user, os.getuid(), time.time(),
                            pair.public, plan, mode=MODE, local=True)
@@ -176,14 +204,15 @@ class Creator:
                               for vm in plan.vms if vm.fam})),
             shared_disks=tuple(sorted({shared_disk(workdir, d.name)
                                        for vm in plan.vms for d in vm.disks if d.shared})),
-            copy=self.copy)
+            copy=self.copy, session=self.session)
         store.begin(spec, record, pair)
         self._files(plan, spec, record, given, host_keys)
         self._define_networks(conn, plan, record, block, given)
         for vm, pvm in zip(plan.vms, record.vms, strict=True):
             self._define_domain(conn, spec, vm, pvm, record)
         done = replace(record, phase=Phase.DEFINED)
-        store.finish(spec, done, [self._stopped(pvm) for pvm in record.vms])
+        store.finish(spec, done, [vm_record(Cluster(spec, done), pvm.index, VmState.STOPPED)
+                                  for pvm in record.vms])
         count = len(plan.vms)
         self.say(f"cluster {self.name}: {count} VM{'s' if count > 1 else ''} defined in "
                  f"{time.monotonic() - started:.1f} s (start them with `vcluster cluster "
@@ -193,6 +222,8 @@ class Creator:
     # -- names and addresses ---------------------------------------------------
 
     def _network_names(self, plan: ClusterPlan) -> dict[str, str]:
+        if self.session:  # a user's libvirtd makes no networks: QEMU's own NICs
+            return {}
         names = [nic.network for vm in plan.vms for nic in vm.nics]
         return {n: network_name(self.user, self.name, n) for n in dict.fromkeys(names)}
 
@@ -230,16 +261,10 @@ class Creator:
     def _vm(self, vm: VmPlan, given: dict[int, NicAddress], host_key: str) -> PersistentVm:
         addresses = tuple(a.address.split("/")[0] for a in guest.nic_addresses(vm, given))
         nat = [given[n].address.split("/")[0] for n in sorted(given)]
-        return PersistentVm(vm.index, domain_name(self.user, self.name, vm.index), addresses,
-                            nat[0] if nat else None, host_key)
-
-    @staticmethod
-    def _stopped(pvm: PersistentVm) -> VmRecord:
-        from vcluster.lifecycle import VmState
-
-        ssh = SshEndpoint(pvm.ssh_address, 22) if pvm.ssh_address else None
-        return VmRecord(VmState.STOPPED, host="localhost", addresses=pvm.addresses,
-                        since=time.time(), ssh=ssh, host_key=pvm.host_key)
+        name = domain_name(self.user, self.name, vm.index)
+        if self.session and nat:  # ssh through the user-mode NAT's forward
+            return PersistentVm(vm.index, name, addresses, "127.0.0.1", host_key, free_port())
+        return PersistentVm(vm.index, name, addresses, nat[0] if nat else None, host_key)
 
     # -- files ------------------------------------------------------------------
 
@@ -326,7 +351,7 @@ def define_domain(conn: libvirt.virConnect, spec: ClusterSpec, vm: VmPlan, pvm: 
     files = VmFiles.of(record.workdir, vm.index)
     fam = (SharedMemory(shm_path(spec.user, record.name, vm.fam.name), vm.fam.size)
            if vm.fam else None)
-    nics = [LibvirtNetwork(record.networks[nic.network]) for nic in vm.nics]
+    nics = [nic_backend(record, spec.user, pvm, nic) for nic in vm.nics]
     own = replace(vm, disks=tuple(d for d in vm.disks if not d.shared))
     qemu = machine.vm_spec(spec, own, files, accel=accel, nics=nics, fam=fam,
                            binary=shutil.which(spec.plan.qemu_binary) or spec.plan.qemu_binary)
@@ -338,7 +363,8 @@ def define_domain(conn: libvirt.virConnect, spec: ClusterSpec, vm: VmPlan, pvm: 
                     shareable=True) if d.shared else next(own_disks) for d in vm.disks)]
     qemu = replace(qemu, qmp_socket=None, disks=tuple(disks),
                    append=" ".join(a for a in (qemu.append, append) if a))
-    xml = domain_xml(qemu, name=pvm.domain, owner=(spec.uid, os.getgid()),
+    owner = None if record.session else (spec.uid, os.getgid())
+    xml = domain_xml(qemu, name=pvm.domain, owner=owner,
                      metadata=to_json(record),
                      title=f"vcluster {record.name} {vm.name} ({vm.template})")
     virt.call(f"define domain {pvm.domain}", conn.defineXML, xml)

@@ -13,11 +13,15 @@ tools' monitor and the guest agent's port are passed to QEMU as they are on
 a job VM's command line (``<qemu:commandline>``, as the template's
 qemu-args after them), so that vcluster's exec, console and save reach a
 persistent VM through the same sockets as a job VM's (a guest agent channel
-declared to libvirt would be libvirt's: it connects to it itself).  QEMU
-runs as the cluster's owner with no relabelling (``<seclabel model='dac'
-relabel='no'>``): libvirt's dynamic ownership would otherwise chown the
-image files, backing files included.  The cluster's record goes in
-``<metadata>`` (``METADATA_NS``), so the domains alone can rebuild it.
+declared to libvirt would be libvirt's: it connects to it itself).  Disk
+``i`` has the alias ``ua-disk<i>``, which save looks for.  A session's VMs
+(qemu:///session: no libvirt networks) have QEMU's own NICs, passed the same
+way at the PCI slots below the agent's.  QEMU runs as the cluster's owner
+with no relabelling (``<seclabel model='dac' relabel='no'>``; a session has
+no DAC driver, its QEMU is the user's anyway): libvirt's dynamic ownership
+would otherwise chown the image files, backing files included.  The
+cluster's record goes in ``<metadata>`` (``METADATA_NS``), so the domains
+alone can rebuild it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from vcluster.qemu import (
     DISK_ALIAS_PREFIX,
     FAM_PCI_ADDR,
     LibvirtNetwork,
+    Multicast,
+    UserNet,
     VmSpec,
     guest_agent_args,
+    nic_args,
     qmp_args,
 )
 
@@ -138,8 +145,7 @@ def _devices(domain: ET.Element, spec: VmSpec) -> None:
     _disks(devices, spec)
     for nic in spec.nics:
         if not isinstance(nic.backend, LibvirtNetwork):
-            raise ValueError(f"{spec.name}: a domain's NICs are on libvirt networks, "
-                             f"not {nic.backend!r}")
+            continue  # QEMU's own (a session's): passed_args
         interface = _sub(devices, "interface", type="network")
         _sub(interface, "source", network=nic.backend.name)
         _sub(interface, "mac", address=nic.mac)
@@ -167,13 +173,21 @@ def passed_args(spec: VmSpec) -> list[str]:
         args += qmp_args(spec.tools_qmp_socket, chardev_id="qmp-tools")
     if spec.guest_agent_socket is not None:
         args += guest_agent_args(spec.guest_agent_socket, addr=PASSED_PCI_ADDR)
+    own = [nic for nic in spec.nics if not isinstance(nic.backend, LibvirtNetwork)]
+    for n, nic in enumerate(own):  # the slots below the agent's, which libvirt never reaches
+        if not isinstance(nic.backend, (UserNet, Multicast)):
+            raise ValueError(f"{spec.name}: a domain's NICs are on libvirt networks, QEMU's "
+                             f"user-mode NAT or multicast segments, not {nic.backend!r}")
+        args += nic_args(nic.backend, nic.mac, net_id=f"vcnet{n}", model=nic.model,
+                         addr=PASSED_PCI_ADDR - 1 - n)
     return args + list(spec.extra)
 
 
-def domain_xml(spec: VmSpec, *, name: str, owner: tuple[int, int], metadata: str,
+def domain_xml(spec: VmSpec, *, name: str, owner: tuple[int, int] | None, metadata: str,
                title: str = "") -> str:
-    """The domain of ``spec`` named ``name``, QEMU running as ``owner`` (uid, gid), with
-    ``metadata`` (the cluster's record, as text) under ``METADATA_NS``."""
+    """The domain of ``spec`` named ``name``, QEMU running as ``owner`` (uid, gid; None: as
+    the session's user), with ``metadata`` (the cluster's record, as text) under
+    ``METADATA_NS``."""
     if spec.accel not in ("kvm", "tcg"):
         raise ValueError(f"accelerator {spec.accel!r} is not kvm or tcg")
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
@@ -194,8 +208,9 @@ def domain_xml(spec: VmSpec, *, name: str, owner: tuple[int, int], metadata: str
     _sub(domain, "on_reboot", "restart")
     _sub(domain, "on_crash", "destroy")
     _devices(domain, spec)
-    seclabel = _sub(domain, "seclabel", type="static", model="dac", relabel="no")
-    _sub(seclabel, "label", f"+{owner[0]}:+{owner[1]}")
+    if owner is not None:  # a session's libvirtd has no DAC driver: QEMU runs as its user
+        seclabel = _sub(domain, "seclabel", type="static", model="dac", relabel="no")
+        _sub(seclabel, "label", f"+{owner[0]}:+{owner[1]}")
     passed = passed_args(spec)
     if passed:
         commandline = _sub(domain, f"{{{QEMU_NS}}}commandline")

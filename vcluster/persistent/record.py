@@ -45,6 +45,7 @@ class PersistentVm:
     addresses: tuple[str, ...]  # each NIC's, as its seed sets it (nat: also DHCP's)
     ssh_address: str | None  # where the host reaches its ssh server (its nat address)
     host_key: str  # its ssh host key's public half ("ssh-ed25519 AAAA...")
+    ssh_port: int = 22  # a session's VM: the 127.0.0.1 port forwarded to its 22
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class PersistentRecord:
     shm: tuple[Path, ...] = ()  # the FAM regions' files libvirt maps (/dev/shm/...)
     shared_disks: tuple[Path, ...] = ()  # the disks every VM attaches
     copy: bool = False  # full copies of the images, not overlays
+    # qemu:///session (a normal user's): no libvirt networks; QEMU's user-mode NAT for nat
+    # networks, a multicast segment on loopback for private ones (``segment``)
+    session: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -92,3 +96,10 @@ def shm_path(user: str, cluster: str, region: str) -> Path:
 def shared_disk(workdir: Path, disk: str) -> Path:
     """The one image of the cluster's shared disk ``disk``, which every VM attaches."""
     return workdir / f"shared-{disk}.raw"
+
+
+def segment(user: str, cluster: str, network: str) -> tuple[str, int]:
+    """A session cluster's private network: its multicast group (admin-scoped
+    239.255.0.0/16) and UDP port, from whose cluster and which network it is."""
+    tag = zlib.crc32(f"{user}/{cluster}/{network}".encode())
+    return f"239.255.{tag >> 8 & 0xFF}.{tag & 0xFF}", 20000 + (tag >> 16) % 40000

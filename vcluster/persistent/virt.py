@@ -32,6 +32,13 @@ def default_uri() -> str:
     return SYSTEM_URI if os.geteuid() == 0 else SESSION_URI
 
 
+def is_session(uri: str) -> bool:
+    """Whether ``uri`` is a user's own libvirtd (which makes no networks, nor bridges)."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(uri).path.rstrip("/") == "/session"
+
+
 def _module() -> Any:
     try:
         import libvirt
