@@ -113,6 +113,35 @@ def test_what_cannot_be_done_is_one_line_and_changes_nothing(fam_cluster: LocalU
     assert "vc-root-other" not in virsh("list", "--all", "--name")
 
 
+def test_repair_puts_back_a_lost_store_and_a_lost_domain(fam_cluster: LocalUser) -> None:
+    user = fam_cluster
+    before = user.run("cluster", "show", NAME).stdout
+    user.store.unlink()  # the whole store, as on a new machine
+    assert NAME not in user.run("cluster", "list").stdout
+    back = user.run("cluster", "repair", NAME)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert f"cluster {NAME}: back in your store from libvirt (2 VMs" in back.stderr, back.stderr
+    assert user.run("cluster", "show", NAME).stdout == before
+    ssh = user.run("ssh", "-C", NAME, "vm1", "--", "hostname")  # the key pair is back too
+    assert (ssh.returncode, ssh.stdout.strip()) == (0, "vm1"), ssh.stderr
+    # libvirt loses vm1's domain: defined again from the store, on the same files
+    assert user.run("cluster", "destroy", NAME, "vm1").returncode == 0
+    virsh("undefine", f"vc-root-{NAME}-vm1")
+    assert "missing in libvirt" in user.run("cluster", "show", NAME).stdout
+    mended = user.run("cluster", "repair", NAME)
+    assert mended.returncode == 0, mended.stdout + mended.stderr
+    assert f"put back domain vc-root-{NAME}-vm1" in mended.stderr, mended.stderr
+    started = user.run("cluster", "start", NAME, "vm1", timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    read = user.run("exec", "-C", NAME, "vm1", "--", "fam", "read", "8")
+    assert read.stdout.strip().upper() == "0X0C0FFEE1", read.stdout + read.stderr
+    again = user.run("cluster", "repair", NAME)
+    assert "nothing to put back" in again.stderr, again.stderr
+    lost = user.run("cluster", "repair", "nosuch")
+    assert lost.returncode == 2 and lost.stderr.count("\n") == 1, lost.stderr
+    assert "no persistent cluster 'nosuch' in your store, nor a domain of it" in lost.stderr
+
+
 def test_remove_leaves_nothing_of_the_cluster(root: LocalUser) -> None:
     made = root.run("cluster", "create", "gone", "tiny-fam:2")
     assert made.returncode == 0, made.stderr

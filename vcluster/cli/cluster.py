@@ -186,6 +186,25 @@ def clone(name: str, vm: str, newvm: str) -> None:
         make(load_config(), store, c, source, newvm, say=say)
 
 
+@cluster.command("repair")
+@click.argument("name")
+@click.option("--connect", "uri", default=None, metavar="URI", help=URI_HELP)
+def repair(name: str, uri: str | None) -> None:
+    """Put back what your store or libvirt lost of cluster NAME, from the other.
+
+    A store without NAME gets it back from its domains' libvirt metadata (and
+    the key pair kept in the cluster's directory); a domain or network that
+    libvirt lost (virsh undefine, a reinstalled libvirtd) is defined again
+    from the store, on the same disks. --connect says where to look for a
+    cluster the store lost (default: as create).
+    """
+    from vcluster.cli.common import load_config
+    from vcluster.persistent.repair import repair as mend
+
+    with clusters() as store:
+        mend(load_config(), store, name, uri_of(uri), say=say)
+
+
 @cluster.command("remove")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Stop running VMs at once instead of refusing.")

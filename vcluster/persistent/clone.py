@@ -21,7 +21,6 @@ defined last, and the same command again finishes a clone cut short.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import shutil
 import time
@@ -38,12 +37,17 @@ from vcluster.lifecycle import VmState
 from vcluster.networks.nat import free_port
 from vcluster.persistent import netxml, virt
 from vcluster.persistent.control import Cluster, Say, usable, vm_record
-from vcluster.persistent.create import accel_for, define_domain, network_ips, session_address
+from vcluster.persistent.create import (
+    accel_for,
+    define_domain,
+    network_ips,
+    session_address,
+    share_record,
+)
 from vcluster.persistent.record import PersistentRecord, PersistentVm, domain_name
 from vcluster.persistent.store import ClusterStore
 from vcluster.run import run
 from vcluster.seed import write_seed
-from vcluster.store.records import to_json
 from vcluster.vm import guest
 from vcluster.vm.disks import make_disks
 from vcluster.vm.guest import NicAddress
@@ -142,8 +146,6 @@ def _nat_block(conn: libvirt.virConnect, cluster: Cluster) -> ipaddress.IPv4Netw
 
 def _reserve(conn: libvirt.virConnect, cluster: Cluster, plan: ClonePlan) -> None:
     """The new VM's DHCP reservations, in each nat network's live and kept definitions."""
-    import libvirt
-
     for n, address in plan.given.items():
         nic = plan.vm.nics[n]
         name = cluster.record.networks[nic.network]
@@ -154,16 +156,8 @@ def _reserve(conn: libvirt.virConnect, cluster: Cluster, plan: ClonePlan) -> Non
                              "create it anew)")
         lease = netxml.Lease(mac_address(cluster.name, plan.vm.index, n), plan.vm.name,
                              ipaddress.IPv4Address(address.address.split("/")[0]))
-        flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
-        if net.isActive():
-            flags |= libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
-        section = libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST
-        xml = netxml.lease_xml(lease)
-        with contextlib.suppress(libvirt.libvirtError):  # a clone cut short added it
-            net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, section, -1, xml, flags)
-        virt.call(f"reserve {lease.address} for {plan.vm.name} on network {name}",
-                  net.update, libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, section, -1, xml,
-                  flags)
+        virt.reserve(net, netxml.lease_xml(lease),
+                     f"reserve {lease.address} for {plan.vm.name} on network {name}")
 
 
 def _files(cluster: Cluster, spec: ClusterSpec, source: int, plan: ClonePlan,
@@ -181,27 +175,6 @@ def _files(cluster: Cluster, spec: ClusterSpec, source: int, plan: ClonePlan,
     seed = guest.seed_files(spec, plan.vm, given=plan.given, host_key=host_key)
     write_seed(files.seed, meta_data=seed.meta_data, user_data=seed.user_data,
                network_config=seed.network_config, guest_files=seed.guest_files)
-
-
-def _share_record(conn: libvirt.virConnect, record: PersistentRecord) -> None:
-    """Every domain's metadata: the record as it is now."""
-    from xml.sax.saxutils import escape
-
-    import libvirt
-
-    from vcluster.persistent.domain import METADATA_NS, METADATA_PREFIX
-
-    text = f"<cluster>{escape(to_json(record))}</cluster>"
-    for pvm in record.vms:
-        dom = virt.domain(conn, pvm.domain)
-        if dom is None:
-            continue
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        if virt.is_running(dom):
-            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-        virt.call(f"metadata of {pvm.domain}", dom.setMetadata,
-                  libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, METADATA_PREFIX, METADATA_NS,
-                  flags)
 
 
 def clone(config: Config, store: ClusterStore, cluster: Cluster, source: int, new_name: str,
@@ -233,6 +206,9 @@ def clone(config: Config, store: ClusterStore, cluster: Cluster, source: int, ne
         nat = None if record.session else _nat_block(conn, cluster)
         plan = plan_clone(spec, record, source, index, nat, pair.public,
                           free_port() if record.session else None)
+        # systemd takes the machine-id from the kernel's command line over the copied one
+        plan = replace(plan, pvm=replace(
+            plan.pvm, kernel_args=f"systemd.machine_id={uuid.uuid4().hex}"))
         base = replace(record, vms=record.vms[:index]) if resuming else record
         spec = replace(spec, plan=replace(spec.plan, vms=(*spec.plan.vms[:index], plan.vm)))
         record = replace(base, vms=(*base.vms, plan.pvm),
@@ -246,13 +222,11 @@ def clone(config: Config, store: ClusterStore, cluster: Cluster, source: int, ne
         _files(cluster, spec, source, plan, pair)
         if not record.session:  # a session's nat is QEMU's: no DHCP of libvirt's
             _reserve(conn, cluster, plan)
-        machine_id = uuid.uuid4().hex
         define_domain(conn, spec, plan.vm, plan.pvm, record,
-                      accel=accel_for(config, spec, plan.vm),
-                      append=f"systemd.machine_id={machine_id}")
+                      accel=accel_for(config, spec, plan.vm))
         record = replace(record, extra={k: v for k, v in record.extra.items() if k != CLONING})
         store.put_record(record)
-        _share_record(conn, record)
+        share_record(conn, spec, record)
     finally:
         conn.close()
     say(f"cluster {cluster.name}: {new_name} cloned from vm{source} in "

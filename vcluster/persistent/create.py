@@ -3,12 +3,13 @@
 The definition is planned as alloc plans it (templates, images, FAM regions,
 networks; bad input refused before anything is made).  Then, in order: the
 record (``persistent.record``: every object's name, phase ``creating``), the
-cluster's ssh key pair and spec in the store, each VM's directory with its
+cluster's ssh key pair and spec in the store (and the key pair in the
+cluster's directory, for ``repair``), each VM's directory with its
 disk (a qcow2 overlay over the image revision, or with ``--copy`` a full
 copy), its extra disks and its seed, the shared disks, the libvirt networks
-(``persistent.netxml``), the domains (``persistent.domain``, the record in
-their metadata), and last the phase ``defined``.  Nothing runs yet:
-``cluster start`` boots the VMs.  A create cut short leaves the phase
+(``persistent.netxml``), the domains (``persistent.domain``), and last the
+phase ``defined``, written to each domain's metadata with the spec.
+Nothing runs yet: ``cluster start`` boots the VMs.  A create cut short leaves the phase
 ``creating``: the same command again makes it all anew (no VM has run, so
 nothing of value is lost), another definition under that name is refused.
 """
@@ -27,6 +28,7 @@ from vcluster import sshkeys
 from vcluster.cluster import ClusterPlan, ClusterSpec, NicPlan, VmPlan, mac_address, plan_cluster
 from vcluster.config.loader import Config
 from vcluster.errors import InputError
+from vcluster.files import write_atomically
 from vcluster.hostpaths import VmFiles
 from vcluster.identity import user_name
 from vcluster.lifecycle import VmState
@@ -42,6 +44,8 @@ from vcluster.persistent.record import (
     bridge_name,
     check_name,
     domain_name,
+    key_file,
+    metadata_text,
     network_name,
     segment,
     shared_disk,
@@ -51,7 +55,6 @@ from vcluster.persistent.store import ClusterStore
 from vcluster.qemu import Disk, LibvirtNetwork, Multicast, NicBackend, SharedMemory, UserNet
 from vcluster.run import run
 from vcluster.seed import write_seed
-from vcluster.store.records import to_json
 from vcluster.vm import guest, machine
 from vcluster.vm.disks import QEMU_IMG_TIMEOUT, image_format, make_disks
 from vcluster.vm.guest import NicAddress
@@ -204,13 +207,15 @@ class Creator:
                               for vm in plan.vms if vm.fam})),
             shared_disks=tuple(sorted({shared_disk(workdir, d.name)
                                        for vm in plan.vms for d in vm.disks if d.shared})),
-            copy=self.copy, session=self.session)
+            copy=self.copy, session=self.session,
+            nat_block=str(block) if block is not None else None)
         store.begin(spec, record, pair)
-        self._files(plan, spec, record, given, host_keys)
-        self._define_networks(conn, plan, record, block, given)
+        self._files(plan, spec, record, given, host_keys, pair)
+        self._define_networks(conn, spec, record)
         for vm, pvm in zip(plan.vms, record.vms, strict=True):
             self._define_domain(conn, spec, vm, pvm, record)
         done = replace(record, phase=Phase.DEFINED)
+        share_record(conn, spec, done)
         store.finish(spec, done, [vm_record(Cluster(spec, done), pvm.index, VmState.STOPPED)
                                   for pvm in record.vms])
         count = len(plan.vms)
@@ -270,11 +275,13 @@ class Creator:
 
     def _files(self, plan: ClusterPlan, spec: ClusterSpec, record: PersistentRecord,
                given: dict[int, dict[int, NicAddress]],
-               host_keys: dict[int, sshkeys.KeyPair]) -> None:
+               host_keys: dict[int, sshkeys.KeyPair], pair: sshkeys.KeyPair) -> None:
         workdir = record.workdir
         self.layout.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)  # a create cut short: made anew
         workdir.mkdir(mode=0o700)
+        write_atomically(key_file(workdir, sshkeys.PRIVATE), pair.private)
+        write_atomically(key_file(workdir, sshkeys.PUBLIC), pair.public + "\n")
         for path in record.shared_disks:
             disk = next(d for vm in plan.vms for d in vm.disks
                         if d.shared and path == shared_disk(workdir, d.name))
@@ -298,30 +305,15 @@ class Creator:
 
     # -- libvirt ----------------------------------------------------------------
 
-    def _define_networks(self, conn: libvirt.virConnect, plan: ClusterPlan,
-                         record: PersistentRecord, block: ipaddress.IPv4Network | None,
-                         given: dict[int, dict[int, NicAddress]]) -> None:
-        for position, (network, libvirt_name) in enumerate(record.networks.items()):
+    def _define_networks(self, conn: libvirt.virConnect, spec: ClusterSpec,
+                         record: PersistentRecord) -> None:
+        for position, libvirt_name in enumerate(record.networks.values()):
             old = virt.network(conn, libvirt_name)
             if old is not None:  # a create cut short made it: made anew
                 if old.isActive():
                     virt.call(f"stop network {libvirt_name}", old.destroy)
                 virt.call(f"undefine network {libvirt_name}", old.undefine)
-            settings = self.config.networks[network]
-            bridge = bridge_name(self.user, self.name, position)
-            if settings.type == "nat":
-                assert block is not None
-                leases = [netxml.Lease(mac_address(self.name, vm.index, n), vm.name,
-                                       ipaddress.IPv4Address(given[vm.index][n].address
-                                                             .split("/")[0]))
-                          for vm in plan.vms for n, nic in enumerate(vm.nics)
-                          if nic.network == network]
-                xml = netxml.nat_network_xml(libvirt_name, bridge, settings.mtu, block, leases)
-            else:
-                xml = netxml.private_network_xml(libvirt_name, bridge, settings.mtu)
-            net = virt.call(f"define network {libvirt_name}", conn.networkDefineXML, xml)
-            virt.call(f"autostart network {libvirt_name}", net.setAutostart, 1)
-            virt.call(f"start network {libvirt_name}", net.create)
+            define_network(conn, spec, record, position)
 
     def _define_domain(self, conn: libvirt.virConnect, spec: ClusterSpec, vm: VmPlan,
                        pvm: PersistentVm, record: PersistentRecord) -> None:
@@ -334,6 +326,45 @@ class Creator:
                       accel=accel_for(self.config, spec, vm))
 
 
+def define_network(conn: libvirt.virConnect, spec: ClusterSpec, record: PersistentRecord,
+                   position: int) -> None:
+    """Define and start the cluster's libvirt network number ``position`` as the record has
+    it: on a bridge of the cluster's, a nat one with each VM's DHCP reservation."""
+    network, libvirt_name = list(record.networks.items())[position]
+    nics = [(vm, n, nic) for vm in spec.plan.vms for n, nic in enumerate(vm.nics)
+            if nic.network == network]
+    first = nics[0][2]
+    bridge = bridge_name(spec.user, record.name, position)
+    if first.type == "nat":
+        if record.nat_block is None:
+            raise InputError(f"cluster {record.name}: its record has no nat block (made by an "
+                             "older vcluster: expected `vcluster cluster remove` and create)")
+        block = ipaddress.IPv4Network(record.nat_block)
+        leases = [netxml.Lease(mac_address(record.name, vm.index, n), vm.name,
+                               ipaddress.IPv4Address(record.vms[vm.index].addresses[n]))
+                  for vm, n, _nic in nics]
+        xml = netxml.nat_network_xml(libvirt_name, bridge, first.mtu, block, leases)
+    else:
+        xml = netxml.private_network_xml(libvirt_name, bridge, first.mtu)
+    net = virt.call(f"define network {libvirt_name}", conn.networkDefineXML, xml)
+    virt.call(f"autostart network {libvirt_name}", net.setAutostart, 1)
+    virt.call(f"start network {libvirt_name}", net.create)
+
+
+def share_record(conn: libvirt.virConnect, spec: ClusterSpec,
+                 record: PersistentRecord) -> None:
+    """Every domain's metadata: the spec and record as they are now."""
+    from xml.sax.saxutils import escape
+
+    from vcluster.persistent.domain import METADATA_NS, METADATA_PREFIX
+
+    element = f"<cluster>{escape(metadata_text(spec, record))}</cluster>"
+    for pvm in record.vms:
+        dom = virt.domain(conn, pvm.domain)
+        if dom is not None:
+            virt.set_metadata(dom, element, METADATA_PREFIX, METADATA_NS)
+
+
 def accel_for(config: Config, spec: ClusterSpec, vm: VmPlan) -> str:
     """The accelerator VM ``vm`` runs with (a plan's ``auto`` chosen, as alloc chooses it)."""
     from vcluster.vm.accel import choose_accel
@@ -344,10 +375,10 @@ def accel_for(config: Config, spec: ClusterSpec, vm: VmPlan) -> str:
 
 
 def define_domain(conn: libvirt.virConnect, spec: ClusterSpec, vm: VmPlan, pvm: PersistentVm,
-                  record: PersistentRecord, *, accel: str, append: str = "") -> None:
+                  record: PersistentRecord, *, accel: str) -> None:
     """Define ``vm``'s domain: its files in the record's directory, its NICs on the
-    cluster's networks, the shared disks, the record in its metadata; ``append`` goes on
-    the kernel's command line after the image's."""
+    cluster's networks, the shared disks, the spec and record in its metadata, the VM's
+    ``kernel_args`` after the image's on the kernel's command line."""
     files = VmFiles.of(record.workdir, vm.index)
     fam = (SharedMemory(shm_path(spec.user, record.name, vm.fam.name), vm.fam.size)
            if vm.fam else None)
@@ -362,10 +393,10 @@ def define_domain(conn: libvirt.virConnect, spec: ClusterSpec, vm: VmPlan, pvm: 
              *(Disk(shared_disk(record.workdir, d.name), fmt="raw", serial=d.name,
                     shareable=True) if d.shared else next(own_disks) for d in vm.disks)]
     qemu = replace(qemu, qmp_socket=None, disks=tuple(disks),
-                   append=" ".join(a for a in (qemu.append, append) if a))
+                   append=" ".join(a for a in (qemu.append, pvm.kernel_args) if a))
     owner = None if record.session else (spec.uid, os.getgid())
     xml = domain_xml(qemu, name=pvm.domain, owner=owner,
-                     metadata=to_json(record),
+                     metadata=metadata_text(spec, record),
                      title=f"vcluster {record.name} {vm.name} ({vm.template})")
     virt.call(f"define domain {pvm.domain}", conn.defineXML, xml)
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from vcluster import codec
+from vcluster.cluster import ClusterSpec
 from vcluster.errors import InputError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
@@ -46,6 +48,7 @@ class PersistentVm:
     ssh_address: str | None  # where the host reaches its ssh server (its nat address)
     host_key: str  # its ssh host key's public half ("ssh-ed25519 AAAA...")
     ssh_port: int = 22  # a session's VM: the 127.0.0.1 port forwarded to its 22
+    kernel_args: str = ""  # after the image's (a clone's: systemd.machine_id=...)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,30 @@ class PersistentRecord:
     # qemu:///session (a normal user's): no libvirt networks; QEMU's user-mode NAT for nat
     # networks, a multicast segment on loopback for private ones (``segment``)
     session: bool = False
+    nat_block: str | None = None  # the nat network's block of the subnet (not a session's)
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DomainMetadata:
+    """What each of a cluster's domains carries in its libvirt metadata: enough to put the
+    cluster back in a store that lost it (``persistent.repair``)."""
+
+    spec: ClusterSpec
+    record: PersistentRecord
+
+
+def metadata_text(spec: ClusterSpec, record: PersistentRecord) -> str:
+    return codec.to_json(DomainMetadata(spec, record))
+
+
+def read_metadata(text: str) -> DomainMetadata | None:
+    """A domain's metadata as ``metadata_text`` wrote it; None if it is not (an older
+    vcluster's, or another's)."""
+    try:
+        return codec.from_json(DomainMetadata, text, what="domain metadata", error=ValueError)
+    except ValueError:
+        return None
 
 
 def check_name(name: str) -> str:
@@ -103,3 +129,10 @@ def segment(user: str, cluster: str, network: str) -> tuple[str, int]:
     239.255.0.0/16) and UDP port, from whose cluster and which network it is."""
     tag = zlib.crc32(f"{user}/{cluster}/{network}".encode())
     return f"239.255.{tag >> 8 & 0xFF}.{tag & 0xFF}", 20000 + (tag >> 16) % 40000
+
+
+def key_file(workdir: Path, name: str) -> Path:
+    """A copy of the cluster's ssh key pair (``sshkeys.PRIVATE``, ``sshkeys.PUBLIC``) in its
+    directory, the user's alone: what repair puts back in a store that lost it (the
+    domains' metadata, which others may read, never holds a key)."""
+    return workdir / name

@@ -8,6 +8,7 @@ line saying how to start it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -133,3 +134,23 @@ def undefine(dom: libvirt.virDomain) -> None:
     lv = _module()
     flags = lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
     call(f"undefine domain {dom.name()}", dom.undefineFlags, flags)
+
+
+def set_metadata(dom: libvirt.virDomain, element: str, prefix: str, namespace: str) -> None:
+    """Replace the domain's metadata element of ``namespace`` (kept, and live if running)."""
+    lv = _module()
+    flags = lv.VIR_DOMAIN_AFFECT_CONFIG | (lv.VIR_DOMAIN_AFFECT_LIVE if is_running(dom) else 0)
+    call(f"metadata of {dom.name()}", dom.setMetadata, lv.VIR_DOMAIN_METADATA_ELEMENT, element,
+         prefix, namespace, flags)
+
+
+def reserve(net: libvirt.virNetwork, host: str, what: str) -> None:
+    """Add the DHCP reservation ``host`` (``<host mac= name= ip=/>``) to the network, kept
+    and live if it runs; one that is there already (a clone cut short) is replaced."""
+    lv = _module()
+    flags = lv.VIR_NETWORK_UPDATE_AFFECT_CONFIG | (
+        lv.VIR_NETWORK_UPDATE_AFFECT_LIVE if net.isActive() else 0)
+    section = lv.VIR_NETWORK_SECTION_IP_DHCP_HOST
+    with contextlib.suppress(lv.libvirtError):  # none yet
+        net.update(lv.VIR_NETWORK_UPDATE_COMMAND_DELETE, section, -1, host, flags)
+    call(what, net.update, lv.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, section, -1, host, flags)
