@@ -90,6 +90,14 @@ def test_the_cluster_is_listed_shown_and_reached_by_ssh(fam_cluster: LocalUser) 
     assert (ssh.returncode, ssh.stdout.strip()) == (0, "vm1"), ssh.stderr
     ps = user.run("ps")
     assert NAME in ps.stdout and "persistent" in ps.stdout, ps.stdout
+    log = user.run("console", "-C", NAME, "-l", "vm1")
+    assert log.returncode == 0 and "vcluster-tiny: ready hostname=vm1" in log.stdout, log.stderr
+    sent = user.home / "sent.txt"
+    sent.write_text("copied to a persistent VM\n")
+    copied = user.run("scp", "-C", NAME, str(sent), "vm1:/tmp/sent.txt")
+    assert copied.returncode == 0, copied.stdout + copied.stderr
+    back = user.run("exec", "-C", NAME, "vm1", "--", "cat", "/tmp/sent.txt")
+    assert back.stdout == "copied to a persistent VM\n", back.stdout + back.stderr
 
 
 def test_what_cannot_be_done_is_one_line_and_changes_nothing(fam_cluster: LocalUser) -> None:
