@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,10 @@ from tests.conftest import require_root
 from tests.support_images import images_dir, require_image
 from tests.support_libvirt import running_libvirtd, virsh
 from tests.support_local import LocalUser, local_user
-from vcluster.persistent.record import bridge_name
+from vcluster.persistent.record import Phase, bridge_name
+from vcluster.persistent.store import ClusterStore
+from vcluster.store.keys import Keys
+from vcluster.store.sqlite import SqliteStore
 
 pytestmark = [pytest.mark.qemu, pytest.mark.images, pytest.mark.libvirt]
 
@@ -148,6 +152,40 @@ def test_repair_puts_back_a_lost_store_and_a_lost_domain(fam_cluster: LocalUser)
     lost = user.run("cluster", "repair", "nosuch")
     assert lost.returncode == 2 and lost.stderr.count("\n") == 1, lost.stderr
     assert "no persistent cluster 'nosuch' in your store, nor a domain of it" in lost.stderr
+
+
+def cut_short(user: LocalUser, name: str, phase: Phase) -> None:
+    """The store as a create or remove killed midway leaves it: the record's phase."""
+    with SqliteStore(user.store) as store:
+        clusters = ClusterStore(store, Keys("/vcluster"), user.name)
+        found = clusters.read(name)
+        assert found is not None
+        clusters.put_record(replace(found[1], phase=phase))
+
+
+def test_a_create_or_remove_cut_short_is_finished_by_running_it_again(
+        root: LocalUser) -> None:
+    made = root.run("cluster", "create", "cut", "tiny:2")
+    assert made.returncode == 0, made.stderr
+    cut_short(root, "cut", Phase.CREATING)
+    other = root.run("cluster", "create", "cut", "tiny:1")
+    assert other.returncode == 2 and "cut short while being created from tiny:2" in \
+        other.stderr, other.stderr
+    again = root.run("cluster", "create", "cut", "tiny:2")
+    assert again.returncode == 0, again.stderr
+    assert "its creation was cut short; making it anew" in again.stderr
+    assert "defined" in root.run("cluster", "list").stdout
+    # a remove killed after its first domain: the same command takes the rest
+    cut_short(root, "cut", Phase.REMOVING)
+    virsh("undefine", "vc-root-cut-vm0")
+    refused = root.run("cluster", "start", "cut")
+    assert refused.returncode == 2 and "remove" in refused.stderr, refused.stderr
+    gone = root.run("cluster", "remove", "cut")
+    assert gone.returncode == 0, gone.stderr
+    assert "vc-root-cut" not in virsh("list", "--all", "--name")
+    assert "vc-root-cut" not in virsh("net-list", "--all", "--name")
+    assert not (root.state / "work" / "cut").exists()
+    assert "cut" not in root.run("cluster", "list").stdout
 
 
 def test_remove_leaves_nothing_of_the_cluster(root: LocalUser) -> None:
