@@ -158,6 +158,22 @@ def test_save_keeps_a_local_vms_disk_and_a_new_cluster_starts_from_it(carol: Loc
     assert leftovers(carol) == []
 
 
+def test_a_shared_disk_is_one_image_both_vms_write_and_read(carol: LocalUser) -> None:
+    templates = carol.home / ".vcluster" / "templates.yaml"
+    templates.write_text("tinysh:\n  inherits: tiny\n"
+                         "  disks: [{name: shared, size: 16M, shared: true}]\n")
+    os.chown(templates, carol.uid, -1)
+    script = ("vcluster exec vm0 -- sh -c 'printf written-by-vm0 | dd of=/dev/vda bs=512 "
+              "seek=8 conv=fsync 2>/dev/null' && echo \"vm1 read: $(vcluster exec vm1 -- sh -c "
+              "'dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 14')\" && "
+              "ls ~/.local/state/vcluster/work/*/")
+    done = carol.run("alloc", "-E", script, "tinysh:2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "vm1 read: written-by-vm0" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.count("shared-shared.raw") == 1, done.stdout  # one image for both
+    assert leftovers(carol) == []
+
+
 def test_doctor_says_kvm_is_unusable_here_within_10_s(root: LocalUser) -> None:
     started = time.monotonic()
     done = root.run("doctor", timeout=30)

@@ -43,6 +43,9 @@ ALICE, BOB = "vcmh-alice", "vcmh-bob"
 HOSTS = ("h1", "h2", "h3")
 
 TEMPLATES = """\
+tinysh:
+  inherits: tiny
+  disks: [{name: shared, size: 16M, shared: true}]
 jumbo:
   inherits: tiny
   resource-set: jumbo
@@ -254,6 +257,25 @@ def test_a_fam_pair_is_placed_together_and_shares(
         for shell in vms:
             shell.close()
         finish(running, shared, "fam")
+    nothing_left_anywhere(sandbox, tool, job, ALICE)
+
+
+def test_vms_sharing_a_disk_are_placed_together_and_write_one_image(
+        sandbox: Sandbox, shared: Shared, tool: JobTool) -> None:
+    with background_alloc(sandbox, ALICE, shared.home, "-N2", "-w", "h1,h2", "-c", "1",
+                          "--ntasks-per-node=2", "-E", wait_flag(shared, "disk"),
+                          "tiny:1,tinysh:2") as running:
+        job = running.wait_ready()
+        vms = shells(tool, job, 3)
+        assert host_of(vms[1]) == host_of(vms[2]), [s.name for s in vms]
+        vms[1].check("printf written-by-vm1 | dd of=/dev/vda bs=512 seek=8 conv=fsync")
+        read = vms[2].check("dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 14")
+        assert read.endswith("written-by-vm1"), read
+        work = tool.layout(host_of(vms[1])).work_dir(job)
+        assert (work / "shared-shared.raw").stat().st_size == 16 << 20
+        for shell in vms:
+            shell.close()
+        finish(running, shared, "disk")
     nothing_left_anywhere(sandbox, tool, job, ALICE)
 
 

@@ -161,3 +161,24 @@ def test_a_split_region_is_named_with_its_hosts() -> None:
     assert split_regions(need, {0: "h1", 1: "h2"}) == (
         "FAM region 'fam' is split across hosts (vm0 on h1, vm1 on h2): a region is memory of "
         "one host, so these VMs would not share it")
+
+
+def test_vms_sharing_a_disk_share_a_host_and_a_disk_joins_two_regions() -> None:
+    disk = [VmNeed("vm0", shared=("d",)), VmNeed("vm1", shared=("d",)), VmNeed("vm2")]
+    assert fam_groups(disk) == {"disk:d": [0, 1]}
+    assert place(disk, hosts(1, 2)) == ("h2", "h2", "h1")
+    joined = [VmNeed("vm0", "a"), VmNeed("vm1", "b", ("d",)), VmNeed("vm2", "a", ("d",)),
+              VmNeed("vm3")]
+    assert fam_groups(joined) == {"a": [0, 1, 2]}  # one group: the first region names it
+    assert place(joined, hosts(1, 3)) == ("h2", "h2", "h2", "h1")
+
+
+def test_a_shared_disk_that_fits_no_host_is_refused_naming_the_disk() -> None:
+    with pytest.raises(PlacementError) as e:
+        place([VmNeed("vm0", shared=("data",)), VmNeed("vm1", shared=("data",))], hosts(1, 1))
+    assert str(e.value).startswith(
+        "shared disk 'data' (vm0, vm1: 2 VMs, 2 CPUs) fits on no host of the allocation: ")
+    split = split_regions([VmNeed("vm0", shared=("data",)), VmNeed("vm1", shared=("data",))],
+                          {0: "h1", 1: "h2"})
+    assert split == ("shared disk 'data' is split across hosts (vm0 on h1, vm1 on h2): a "
+                     "shared disk is a file of one host, so these VMs would not share it")

@@ -134,7 +134,8 @@ def test_a_disk_is_formatted_and_mounted_by_cloud_init_and_bad_words_are_refused
     bad = {"{name: d, size: 1G, format: ntfs}": r"format: 'ntfs' is not a file system",
            "{name: d, size: 1G, format: ext4, shared: true}": r"a shared disk is formatted",
            "{name: d, size: 1G, mount: data}": r"'data' is not an absolute path",
-           "{name: d, size: 1G, mount: /data}": r"an empty disk has no file system"}
+           "{name: d, size: 1G, mount: /data}": r"an empty disk has no file system",
+           "{name: d, image: /x.qcow2, shared: true}": r"a shared disk is one empty raw"}
     for disk, message in bad.items():
         path.write_text(f"a:\n  image: debian\n  disks: [{disk}]\n")
         with pytest.raises(ConfigError, match=message) as e:

@@ -26,6 +26,12 @@ AGENT_SOCKET = "agent.sock"
 UNDO_LOG = "undo.json"
 
 
+def shared_disk(workdir: Path, name: str) -> Path:
+    """The one image of the cluster's shared disk ``name`` on this host, beside the VMs'
+    directories in the work directory: every VM of the cluster here attaches it."""
+    return workdir / f"shared-{name}.raw"
+
+
 @dataclass(frozen=True)
 class VmFiles:
     """The paths of one VM's files, in its directory inside the job's work directory."""
@@ -76,6 +82,9 @@ class VmFiles:
 
     def disk(self, name: str) -> Path:
         return self.dir / f"disk-{name}.qcow2"
+
+    def shared_disk(self, name: str) -> Path:
+        return shared_disk(self.dir.parent, name)
 
 
 @dataclass(frozen=True)

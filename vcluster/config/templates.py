@@ -180,6 +180,9 @@ def _disks(sec: Section, base: Path) -> tuple[Disk, ...]:
             raise d.error("format", "a shared disk is formatted by the cluster file system "
                           "that shares it (GFS2, OCFS2), not at boot",
                           "no format on a shared disk")
+        if image is not None and shared:
+            raise d.error("image", "a shared disk is one empty raw image the VMs write "
+                          "together, not a layer over an image", "size and no image")
         mount = d.string("mount")
         if mount is not None and not mount.startswith("/"):
             raise d.error("mount", f"{mount!r} is not an absolute path", "a path such as /data")

@@ -1,7 +1,9 @@
 """Where each VM runs: every FAM group on one host, the other VMs as SLURM would put them.
 
 A FAM region is memory of one host, so the VMs naming the same region must
-run on the same host.  ``place`` decides a host for every VM from the
+run on the same host; so must the VMs attached to one shared disk (an image
+file of one host), and a disk shared across two regions' VMs joins them in
+one group.  ``place`` decides a host for every VM from the
 allocation (hosts and their CPUs, from SLURM's environment) before anything
 starts; the launcher then runs the step with SLURM's arbitrary distribution
 (``launch/steps.py``), so task ``i`` (VM ``i``) runs where ``place`` said.
@@ -60,14 +62,26 @@ class Allocation:
 
 @dataclass(frozen=True)
 class VmNeed:
-    """What placement needs to know of one VM: its name and FAM region (if any)."""
+    """What placement needs to know of one VM: its name, FAM region and shared disks."""
 
     name: str
     fam: str | None = None
+    shared: tuple[str, ...] = ()  # its shared disks: one image of one host, as a FAM region
 
     @classmethod
     def of(cls, vm: VmPlan) -> VmNeed:
-        return cls(vm.name, vm.fam.name if vm.fam else None)
+        return cls(vm.name, vm.fam.name if vm.fam else None,
+                   tuple(d.name for d in vm.disks if d.shared))
+
+
+DISK_GROUP = "disk:"  # a group key: the shared disk of a group without a FAM region
+
+
+def label(group: str) -> str:
+    """A group as the messages name it: ``FAM region 'f'``, ``shared disk 'd'``."""
+    if group.startswith(DISK_GROUP):
+        return f"shared disk '{group.removeprefix(DISK_GROUP)}'"
+    return f"FAM region '{group}'"
 
 
 # ------------------------------------------------------------------ SLURM's words
@@ -113,11 +127,31 @@ def _plural(count: int, word: str) -> str:
 
 
 def fam_groups(vms: Sequence[VmNeed]) -> dict[str, list[int]]:
-    """Region name -> indices of the VMs naming it, in order of first appearance."""
+    """The VMs that must share a host, in order of first appearance: those naming one FAM
+    region, and with them every VM attached to a shared disk of theirs.  Keyed by the
+    region's name (the first region's, if a disk joins two), or ``disk:NAME`` for VMs
+    that share a disk and no region."""
+    parent: dict[str, str] = {}
+
+    def find(token: str) -> str:
+        while parent.setdefault(token, token) != token:
+            token = parent[token]
+        return token
+
+    tokens = [([f"fam {vm.fam}"] if vm.fam else []) + [f"disk {d}" for d in vm.shared]
+              for vm in vms]
+    for mine in tokens:
+        for other in mine[1:]:
+            parent[find(other)] = find(mine[0])
+    keys: dict[str, str] = {}  # component -> its key: its first region, else its first disk
+    ordered = [t for mine in tokens for t in mine]
+    for token in sorted(ordered, key=lambda t: not t.startswith("fam ")):  # stable: regions
+        kind, name = token.split(" ", 1)
+        keys.setdefault(find(token), name if kind == "fam" else f"{DISK_GROUP}{name}")
     groups: dict[str, list[int]] = {}
-    for i, vm in enumerate(vms):
-        if vm.fam is not None:
-            groups.setdefault(vm.fam, []).append(i)
+    for i, mine in enumerate(tokens):
+        if mine:
+            groups.setdefault(keys[find(mine[0])], []).append(i)
     return groups
 
 
@@ -145,7 +179,7 @@ def place(vms: Sequence[VmNeed], allocation: Allocation) -> tuple[str, ...]:
         for i in groups[name]:
             where[i] = h
         free[h] -= len(groups[name])
-    rest = [i for i, vm in enumerate(vms) if vm.fam is None]
+    rest = [i for i in range(len(vms)) if i not in where]
     for i, h in zip(rest, _block(len(rest), free, set(where.values())), strict=True):
         where[i] = h
     return tuple(hosts[where[i]].name for i in range(len(vms)))
@@ -211,8 +245,11 @@ def _what_hosts_have(allocation: Allocation, taken: Mapping[int, list[str]]) -> 
         if taken.get(h):
             cpus = len(taken[h]) * allocation.cpus_per_task
             regions = list(dict.fromkeys(taken[h]))
-            named = ", ".join(f"'{r}'" for r in regions)
-            text += f" ({cpus} taken by FAM region{'s' if len(regions) > 1 else ''} {named})"
+            if all(not r.startswith(DISK_GROUP) for r in regions):
+                named = ", ".join(f"'{r}'" for r in regions)
+                text += f" ({cpus} taken by FAM region{'s' if len(regions) > 1 else ''} {named})"
+            else:
+                text += f" ({cpus} taken by {', '.join(label(r) for r in regions)})"
         parts.append(text)
     return ", ".join(parts)
 
@@ -228,7 +265,7 @@ def _no_room(vms: Sequence[VmNeed], allocation: Allocation, groups: Mapping[str,
         if not fits:
             members = ", ".join(vms[i].name for i in groups[name])
             return PlacementError(
-                f"FAM region '{name}' ({members}: {_plural(size, 'VM')}, "
+                f"{label(name)} ({members}: {_plural(size, 'VM')}, "
                 f"{_plural(size * allocation.cpus_per_task, 'CPU')}) fits on no host of the "
                 f"allocation: {_what_hosts_have(allocation, taken)}; ask for more CPUs per "
                 f"node (e.g. --ntasks-per-node={size}) or make the group smaller")
@@ -237,7 +274,7 @@ def _no_room(vms: Sequence[VmNeed], allocation: Allocation, groups: Mapping[str,
         taken.setdefault(h, []).extend([name] * size)
     # Best fit placed every group but the search found no arrangement: only its budget
     # can have run out (best fit is the search's first path).
-    return PlacementError(f"the FAM groups ({', '.join(repr(n) for n in order)}) could not "
+    return PlacementError(f"the groups ({', '.join(label(n) for n in order)}) could not "
                           f"be arranged on the allocation within {SEARCH_BUDGET} tries: "
                           f"{_what_hosts_have(allocation, {})}; ask for more CPUs per node")
 
@@ -251,6 +288,8 @@ def split_regions(vms: Sequence[VmNeed], hosts: Mapping[int, str]) -> str | None
         placed = [(vms[i].name, hosts[i]) for i in members if i in hosts]
         if len({host for _, host in placed}) > 1:
             where = ", ".join(f"{vm} on {host}" for vm, host in placed)
-            return (f"FAM region '{name}' is split across hosts ({where}): a region is memory "
-                    "of one host, so these VMs would not share it")
+            what = ("a shared disk is a file of one host" if name.startswith(DISK_GROUP)
+                    else "a region is memory of one host")
+            return (f"{label(name)} is split across hosts ({where}): {what}, so these VMs "
+                    "would not share it")
     return None

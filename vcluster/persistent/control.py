@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 from vcluster.cluster import ClusterSpec
 from vcluster.errors import InputError, VclusterError
-from vcluster.hostpaths import VmFiles
+from vcluster.hostpaths import VmFiles, shared_disk
 from vcluster.lifecycle import VmState
 from vcluster.persistent import virt
-from vcluster.persistent.record import PersistentRecord, Phase, shared_disk
+from vcluster.persistent.record import PersistentRecord, Phase
 from vcluster.persistent.store import ClusterStore
 from vcluster.store.records import VmRecord
 from vcluster.vm import guest

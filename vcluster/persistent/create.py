@@ -29,7 +29,7 @@ from vcluster.cluster import ClusterPlan, ClusterSpec, NicPlan, VmPlan, mac_addr
 from vcluster.config.loader import Config
 from vcluster.errors import InputError
 from vcluster.files import write_atomically
-from vcluster.hostpaths import VmFiles
+from vcluster.hostpaths import VmFiles, shared_disk
 from vcluster.identity import user_name
 from vcluster.lifecycle import VmState
 from vcluster.networks.nat import NatNetwork, free_port
@@ -48,11 +48,10 @@ from vcluster.persistent.record import (
     metadata_text,
     network_name,
     segment,
-    shared_disk,
     shm_path,
 )
 from vcluster.persistent.store import ClusterStore
-from vcluster.qemu import Disk, LibvirtNetwork, Multicast, NicBackend, SharedMemory, UserNet
+from vcluster.qemu import LibvirtNetwork, Multicast, NicBackend, SharedMemory, UserNet
 from vcluster.run import run
 from vcluster.seed import write_seed
 from vcluster.vm import guest, machine
@@ -383,16 +382,9 @@ def define_domain(conn: libvirt.virConnect, spec: ClusterSpec, vm: VmPlan, pvm: 
     fam = (SharedMemory(shm_path(spec.user, record.name, vm.fam.name), vm.fam.size)
            if vm.fam else None)
     nics = [nic_backend(record, spec.user, pvm, nic) for nic in vm.nics]
-    own = replace(vm, disks=tuple(d for d in vm.disks if not d.shared))
-    qemu = machine.vm_spec(spec, own, files, accel=accel, nics=nics, fam=fam,
+    qemu = machine.vm_spec(spec, vm, files, accel=accel, nics=nics, fam=fam,
                            binary=shutil.which(spec.plan.qemu_binary) or spec.plan.qemu_binary)
-    # disk i as the plan numbers them (the root disk first), as save names them: diskN
-    root = 1 if vm.boot.kind == "disk" else 0
-    own_disks = iter(qemu.disks[root:])
-    disks = [*qemu.disks[:root],
-             *(Disk(shared_disk(record.workdir, d.name), fmt="raw", serial=d.name,
-                    shareable=True) if d.shared else next(own_disks) for d in vm.disks)]
-    qemu = replace(qemu, qmp_socket=None, disks=tuple(disks),
+    qemu = replace(qemu, qmp_socket=None,
                    append=" ".join(a for a in (qemu.append, pvm.kernel_args) if a))
     owner = None if record.session else (spec.uid, os.getgid())
     xml = domain_xml(qemu, name=pvm.domain, owner=owner,

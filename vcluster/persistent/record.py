@@ -119,11 +119,6 @@ def shm_path(user: str, cluster: str, region: str) -> Path:
     return Path("/dev/shm") / f"vcluster-{user}-{cluster}-{region}"
 
 
-def shared_disk(workdir: Path, disk: str) -> Path:
-    """The one image of the cluster's shared disk ``disk``, which every VM attaches."""
-    return workdir / f"shared-{disk}.raw"
-
-
 def segment(user: str, cluster: str, network: str) -> tuple[str, int]:
     """A session cluster's private network: its multicast group (admin-scoped
     239.255.0.0/16) and UDP port, from whose cluster and which network it is."""

@@ -2,7 +2,8 @@
 
 The root disk is the VM's overlay (``/dev/vda``, as the images' ``root=``
 expects), extra disks follow with their names as serial numbers (the guest
-finds them under /dev/disk/by-id/virtio-<name>), then the seed.  The FAM
+finds them under /dev/disk/by-id/virtio-<name>; a shared disk is the
+cluster's one raw image, attached for shared writes), then the seed.  The FAM
 region is ivshmem-plain at the pinned slot, NICs are taps passed by fd (or,
 rootless, user-space switch ports and user-mode NAT), the
 console a unix socket plus a log, QMP and the guest agent unix sockets; the
@@ -24,7 +25,8 @@ def disks(vm: VmPlan, files: VmFiles) -> tuple[Disk, ...]:
     out: list[Disk] = []
     if vm.boot.kind == "disk":
         out.append(Disk(files.overlay))
-    out += [Disk(files.disk(d.name), serial=d.name) for d in vm.disks]
+    out += [Disk(files.shared_disk(d.name), fmt="raw", serial=d.name, shareable=True)
+            if d.shared else Disk(files.disk(d.name), serial=d.name) for d in vm.disks]
     return tuple(out)
 
 
