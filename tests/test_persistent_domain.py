@@ -11,7 +11,6 @@ from vcluster.persistent.domain import QEMU_NS, disk_target, domain_xml, metadat
 from vcluster.qemu import (
     Disk,
     LibvirtNetwork,
-    Multicast,
     Nic,
     SharedMemory,
     UserNet,
@@ -88,8 +87,8 @@ def test_what_a_domain_cannot_be_is_refused() -> None:
 
     with pytest.raises(ValueError, match="monitor is libvirt's"):
         domain_xml(replace(SPEC, qmp_socket=Path("/q")), name="x", owner=(0, 0), metadata="")
-    with pytest.raises(ValueError, match="libvirt networks, QEMU's user-mode NAT or multicast"):
-        domain_xml(replace(SPEC, nics=(Nic(VdeSwitch(Path("/s")), "02:00:00:00:00:01"),)),
+    with pytest.raises(ValueError, match="libvirt networks, QEMU's user-mode NAT or user-space"):
+        domain_xml(replace(SPEC, nics=(Nic(3, "02:00:00:00:00:01"),)),  # a tap's fd
                    name="x", owner=(0, 0), metadata="")
     with pytest.raises(ValueError, match="/dev/shm"):
         domain_xml(replace(SPEC, fam=SharedMemory(Path("/run/x/fam"), 1 << 20)), name="x",
@@ -101,13 +100,13 @@ def test_what_a_domain_cannot_be_is_refused() -> None:
 def test_a_sessions_nics_are_qemus_own_past_libvirt() -> None:
     from dataclasses import replace
 
-    nics = (Nic(Multicast("239.255.1.2", 40001), "02:00:00:00:00:01"),
+    nics = (Nic(VdeSwitch(Path("/run/u/cluster-x-net")), "02:00:00:00:00:01"),
             Nic(UserNet(ssh_port=2222), "02:00:00:00:00:02"))
     root = ET.fromstring(domain_xml(replace(SPEC, nics=nics), name="x", owner=(1000, 1000),
                                     metadata=""))
     assert root.find("devices/interface") is None  # no libvirt network
     args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
-    assert "socket,id=vcnet0,mcast=239.255.1.2:40001,localaddr=127.0.0.1" in args
+    assert "vde,id=vcnet0,sock=/run/u/cluster-x-net" in args
     assert "virtio-net-pci,netdev=vcnet0,mac=02:00:00:00:00:01,addr=0x1e" in args
     assert any(a and a.startswith("user,id=vcnet1,") and "hostfwd=tcp:127.0.0.1:2222-:22" in a
                for a in args), args

@@ -2,10 +2,11 @@
 libvirt starts for the user's first command (no root, no libvirt networks).
 
 One tiny-fam:2 cluster: the VMs share their FAM region, reach each other on
-the private network (a multicast segment on loopback) and are reached by ssh
-through QEMU's user-mode NAT; a clone of vm1 is vm2, on the same segment;
-remove leaves nothing of it.  The session's libvirtd and virtlogd, started
-for the user by libvirt, are stopped by PID at the end.
+the private network (a vde_switch of the user's, started by ``cluster
+start``) and are reached by ssh through QEMU's user-mode NAT; a clone of vm1
+is vm2, on the same switch; remove leaves nothing of it (no switch either).
+The session's libvirtd and virtlogd, started for the user by libvirt, are
+stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ def session_daemons(uid: int) -> list[int]:
                 found.append(int(entry.name))
         except OSError:
             continue
+    return found
+
+
+def switches(uid: int) -> list[int]:
+    """The user's live vde_switch processes (an exited one PID 1 has not reaped yet aside)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or entry.stat().st_uid != uid:
+                continue
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+        if comm == "vde_switch" and state != "Z":
+            found.append(int(entry.name))
     return found
 
 
@@ -89,6 +106,7 @@ def test_a_users_cluster_shares_fam_and_a_network_on_the_session(dave: LocalUser
     assert (ssh.returncode, ssh.stdout.strip()) == (0, "vm1"), ssh.stderr
     qemu = qemus(dave.uid)
     assert len(qemu) == 2, qemu  # QEMU runs as the user
+    assert switches(dave.uid), "no vde_switch of the user's"
 
 
 def test_a_clone_joins_the_segment_and_remove_leaves_nothing(dave: LocalUser) -> None:
@@ -109,3 +127,4 @@ def test_a_clone_joins_the_segment_and_remove_leaves_nothing(dave: LocalUser) ->
     assert not any(p.name.startswith(f"vcluster-{DAVE}-{NAME}-")
                    for p in Path("/dev/shm").iterdir())
     assert leftovers(dave) == []
+    assert switches(dave.uid) == []

@@ -170,17 +170,6 @@ class UserNet:
 
 
 @dataclass(frozen=True)
-class Multicast:
-    """An Ethernet segment as a UDP multicast group on the host's loopback (``-netdev
-    socket,mcast=``): every QEMU that joins ``group:port`` is on it; no root, no switch
-    process (a persistent cluster of a normal user's private network)."""
-
-    group: str
-    port: int
-    local: str = "127.0.0.1"
-
-
-@dataclass(frozen=True)
 class LibvirtNetwork:
     """A NIC that libvirt attaches to one of its networks (a persistent cluster's VMs are
     libvirt's domains): no QEMU option of ours, ``persistent.domain`` writes it."""
@@ -188,7 +177,7 @@ class LibvirtNetwork:
     name: str
 
 
-NicBackend = int | VdeSwitch | UserNet | Multicast | LibvirtNetwork  # int: a tap's fd
+NicBackend = int | VdeSwitch | UserNet | LibvirtNetwork  # an int: an open tap's fd
 
 
 def netdev_option(backend: NicBackend, net_id: str) -> str:
@@ -203,17 +192,13 @@ def netdev_option(backend: NicBackend, net_id: str) -> str:
                    if backend.ssh_port is not None else None)
         return options("user", id=net_id, net=backend.net, host=backend.gateway,
                        dns=backend.dns, dhcpstart=backend.guest, hostfwd=forward)
-    if isinstance(backend, Multicast):
-        return options("socket", id=net_id, mcast=f"{backend.group}:{backend.port}",
-                       localaddr=backend.local)
     return options("tap", id=net_id, fd=backend)
 
 
 def nic_args(backend: NicBackend, mac: str, *, net_id: str = "net0",
              model: str = "virtio-net-pci", addr: int | None = None) -> list[str]:
     """A NIC on a tap device the caller already opened (its fd passed to QEMU), a
-    user-space switch's port, QEMU's user-mode NAT or a multicast segment (at PCI slot
-    ``addr``, if given)."""
+    user-space switch's port or QEMU's user-mode NAT (at PCI slot ``addr``, if given)."""
     return [
         "-netdev", netdev_option(backend, net_id),
         "-device", options(model, netdev=net_id, mac=mac,

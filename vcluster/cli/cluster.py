@@ -26,8 +26,8 @@ def cluster() -> None:
     nat network with a DHCP reservation per VM, its private network) and
     directory; remove takes away all of it and nothing else. As root the
     VMs are qemu:///system's; as a normal user they are on your own
-    qemu:///session, with QEMU's user-mode NAT and a multicast segment on
-    loopback as networks (nothing needs root).
+    qemu:///session, with QEMU's user-mode NAT and a user-space switch
+    (vde_switch) as networks (nothing needs root).
 
     \b
         vcluster cluster create fs debian:3

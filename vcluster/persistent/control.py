@@ -26,7 +26,7 @@ from vcluster.cluster import ClusterSpec
 from vcluster.errors import InputError, VclusterError
 from vcluster.hostpaths import VmFiles, shared_disk
 from vcluster.lifecycle import VmState
-from vcluster.persistent import virt
+from vcluster.persistent import switch, virt
 from vcluster.persistent.record import PersistentRecord, Phase
 from vcluster.persistent.store import ClusterStore
 from vcluster.store.records import VmRecord
@@ -87,6 +87,8 @@ def start(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *,
     picked = cluster.pick(vms)
     conn = virt.connect(cluster.record.uri)
     try:
+        for sock in cluster.record.switches.values():  # a session's private networks
+            switch.ensure(sock)
         started = time.monotonic()
         waiting: dict[int, LogWatcher] = {}
         for index in picked:
@@ -174,8 +176,19 @@ def shutdown(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *, timeo
             raise VclusterError(f"{cluster.name}: {', '.join(late)} still running after "
                                 f"{timeout:g} s (`vcluster cluster destroy {cluster.name} "
                                 f"{' '.join(late)}` stops them at once)")
+        _idle_switches(conn, cluster)
     finally:
         conn.close()
+
+
+def _idle_switches(conn: libvirt.virConnect, cluster: Cluster) -> None:
+    """A session's switches stopped once no VM of the cluster runs."""
+    if not cluster.record.switches:
+        return
+    doms = [virt.domain(conn, pvm.domain) for pvm in cluster.record.vms]
+    if not any(dom is not None and virt.is_running(dom) for dom in doms):
+        for sock in cluster.record.switches.values():
+            switch.stop(sock)
 
 
 def _power_down(cluster: Cluster, index: int, dom: libvirt.virDomain) -> None:
@@ -206,6 +219,7 @@ def destroy(store: ClusterStore, cluster: Cluster, vms: Sequence[int], *, say: S
                 virt.call(f"destroy {dom.name()}", dom.destroy)
                 say(f"{cluster.name}: vm{index}: destroyed")
             store.put_vm(cluster.name, index, vm_record(cluster, index, VmState.STOPPED))
+        _idle_switches(conn, cluster)
     finally:
         conn.close()
 
@@ -240,6 +254,9 @@ def remove(store: ClusterStore, cluster: Cluster, *, force: bool, say: Say) -> l
             removed.append(f"network {name}")
     finally:
         conn.close()
+    for sock in record.switches.values():
+        switch.stop(sock)
+        removed.append(f"switch {sock}")
     for path in record.shm:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

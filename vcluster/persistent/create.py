@@ -22,6 +22,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vcluster import sshkeys
@@ -47,11 +48,10 @@ from vcluster.persistent.record import (
     key_file,
     metadata_text,
     network_name,
-    segment,
     shm_path,
 )
 from vcluster.persistent.store import ClusterStore
-from vcluster.qemu import LibvirtNetwork, Multicast, NicBackend, SharedMemory, UserNet
+from vcluster.qemu import LibvirtNetwork, NicBackend, SharedMemory, UserNet, VdeSwitch
 from vcluster.run import run
 from vcluster.seed import write_seed
 from vcluster.vm import guest, machine
@@ -133,13 +133,12 @@ def _addresses(plan: ClusterPlan, block: ipaddress.IPv4Network | None, session: 
 def nic_backend(record: PersistentRecord, user: str, pvm: PersistentVm,
                 nic: NicPlan) -> NicBackend:
     """Where a VM's NIC is: its libvirt network, or in a session QEMU's own (user-mode NAT
-    with ssh forwarded, a multicast segment for a private network)."""
+    with ssh forwarded; a private network's user-space switch)."""
     if not record.session:
         return LibvirtNetwork(record.networks[nic.network])
     if nic.type == "nat":
         return UserNet(ssh_port=pvm.ssh_port)
-    group, port = segment(user, record.name, nic.network)
-    return Multicast(group, port)
+    return VdeSwitch(record.switches[nic.network])
 
 
 class Creator:
@@ -206,7 +205,7 @@ class Creator:
                               for vm in plan.vms if vm.fam})),
             shared_disks=tuple(sorted({shared_disk(workdir, d.name)
                                        for vm in plan.vms for d in vm.disks if d.shared})),
-            copy=self.copy, session=self.session,
+            copy=self.copy, session=self.session, switches=self._switches(plan),
             nat_block=str(block) if block is not None else None)
         store.begin(spec, record, pair)
         self._files(plan, spec, record, given, host_keys, pair)
@@ -224,6 +223,17 @@ class Creator:
         return done
 
     # -- names and addresses ---------------------------------------------------
+
+    def _switches(self, plan: ClusterPlan) -> dict[str, Path]:
+        """A session's private networks' switch sockets, in the user's run directory."""
+        if not self.session:
+            return {}
+        from vcluster.persistent import switch
+
+        names = [n for n in plan.private_networks()]
+        if names:
+            switch.require()
+        return {n: self.layout.run / f"cluster-{self.name}-{n}" for n in names}
 
     def _network_names(self, plan: ClusterPlan) -> dict[str, str]:
         if self.session:  # a user's libvirtd makes no networks: QEMU's own NICs

@@ -34,8 +34,8 @@ from vcluster.qemu import (
     DISK_ALIAS_PREFIX,
     FAM_PCI_ADDR,
     LibvirtNetwork,
-    Multicast,
     UserNet,
+    VdeSwitch,
     VmSpec,
     guest_agent_args,
     nic_args,
@@ -175,9 +175,9 @@ def passed_args(spec: VmSpec) -> list[str]:
         args += guest_agent_args(spec.guest_agent_socket, addr=PASSED_PCI_ADDR)
     own = [nic for nic in spec.nics if not isinstance(nic.backend, LibvirtNetwork)]
     for n, nic in enumerate(own):  # the slots below the agent's, which libvirt never reaches
-        if not isinstance(nic.backend, (UserNet, Multicast)):
+        if not isinstance(nic.backend, (UserNet, VdeSwitch)):
             raise ValueError(f"{spec.name}: a domain's NICs are on libvirt networks, QEMU's "
-                             f"user-mode NAT or multicast segments, not {nic.backend!r}")
+                             f"user-mode NAT or user-space switches, not {nic.backend!r}")
         args += nic_args(nic.backend, nic.mac, net_id=f"vcnet{n}", model=nic.model,
                          addr=PASSED_PCI_ADDR - 1 - n)
     return args + list(spec.extra)

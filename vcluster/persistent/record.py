@@ -63,8 +63,9 @@ class PersistentRecord:
     shared_disks: tuple[Path, ...] = ()  # the disks every VM attaches
     copy: bool = False  # full copies of the images, not overlays
     # qemu:///session (a normal user's): no libvirt networks; QEMU's user-mode NAT for nat
-    # networks, a multicast segment on loopback for private ones (``segment``)
+    # networks, a user-space switch for each private one (``persistent.switch``)
     session: bool = False
+    switches: dict[str, Path] = field(default_factory=dict)  # private network -> its socket
     nat_block: str | None = None  # the nat network's block of the subnet (not a session's)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -117,13 +118,6 @@ def bridge_name(user: str, cluster: str, position: int) -> str:
 
 def shm_path(user: str, cluster: str, region: str) -> Path:
     return Path("/dev/shm") / f"vcluster-{user}-{cluster}-{region}"
-
-
-def segment(user: str, cluster: str, network: str) -> tuple[str, int]:
-    """A session cluster's private network: its multicast group (admin-scoped
-    239.255.0.0/16) and UDP port, from whose cluster and which network it is."""
-    tag = zlib.crc32(f"{user}/{cluster}/{network}".encode())
-    return f"239.255.{tag >> 8 & 0xFF}.{tag & 0xFF}", 20000 + (tag >> 16) % 40000
 
 
 def key_file(workdir: Path, name: str) -> Path:
