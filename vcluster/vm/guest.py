@@ -103,6 +103,16 @@ def disk_device(name: str) -> str:
     return f"/dev/disk/by-id/virtio-{name[:20]}"
 
 
+# A disk's udev link can take minutes to appear on a loaded TCG host, past systemd's 90 s
+# device timeout: with plain ``nofail`` the boot goes on without the mount and writes to
+# /data land on the root file system, lost at the next boot that mounts the disk.  So
+# no device timeout, and the mount required before cloud-final (whose message is the
+# VM's ready line): ready means mounted; a disk that never appears is a VM never ready,
+# not a boot into emergency mode.
+MOUNT_OPTIONS = ("defaults,nofail,x-systemd.device-timeout=0,"
+                 "x-systemd.before=cloud-final.service,x-systemd.required-by=cloud-final.service")
+
+
 def disk_config(vm: VmPlan) -> dict[str, Any]:
     """cloud-init's settings for the VM's formatted and mounted disks: a file system made
     at first boot (never over one that is there: a restart keeps the data), an fstab line."""
@@ -111,7 +121,7 @@ def disk_config(vm: VmPlan) -> dict[str, Any]:
              "partition": "none", "overwrite": False} for d in vm.disks if d.format]
     if made:
         config["fs_setup"] = made
-    mounts = [[disk_device(d.name), d.mount, d.format or "auto", "defaults,nofail", "0", "2"]
+    mounts = [[disk_device(d.name), d.mount, d.format or "auto", MOUNT_OPTIONS, "0", "2"]
               for d in vm.disks if d.mount]
     if mounts:
         config["mounts"] = mounts
