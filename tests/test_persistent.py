@@ -9,7 +9,9 @@ owner.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -186,6 +188,22 @@ def test_a_create_or_remove_cut_short_is_finished_by_running_it_again(
     assert "vc-root-cut" not in virsh("net-list", "--all", "--name")
     assert not (root.state / "work" / "cut").exists()
     assert "cut" not in root.run("cluster", "list").stdout
+
+
+def test_copy_gives_a_vm_a_whole_disk_of_its_own(root: LocalUser) -> None:
+    require_image("debian")
+    made = root.run("cluster", "create", "--copy", "cp", "debian:1", timeout=600)
+    assert made.returncode == 0, made.stdout + made.stderr
+    try:
+        disk = root.state / "work" / "cp" / "vm0" / "root.qcow2"
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json",
+                                          str(disk)], capture_output=True, text=True,
+                                         check=True, timeout=60).stdout)
+        assert "backing-filename" not in info, info  # no image revision under it
+        assert str(disk) in root.run("cluster", "show", "cp").stdout
+    finally:
+        gone = root.run("cluster", "remove", "cp")
+        assert gone.returncode == 0, gone.stderr
 
 
 def test_remove_leaves_nothing_of_the_cluster(root: LocalUser) -> None:
