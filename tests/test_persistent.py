@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.support_images import images_dir, require_image
-from tests.support_libvirt import running_libvirtd, virsh
+from tests.support_libvirt import clear_stale, running_libvirtd, virsh
 from tests.support_local import LocalUser, local_user
 from vcluster.persistent.record import Phase, bridge_name
 from vcluster.persistent.store import ClusterStore
@@ -50,6 +50,8 @@ def root() -> Iterator[LocalUser]:
     require_root("root's persistent clusters are qemu:///system's")
     require_image("tiny")
     with running_libvirtd(), local_user("root") as user:
+        for name in (NAME, "gone", "cut", "cp"):
+            clear_stale("root", name, user.state)
         yield user
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.support_images import require_image
-from tests.support_libvirt import running_libvirtd, virsh
+from tests.support_libvirt import clear_stale, running_libvirtd, virsh
 from tests.support_local import LocalUser, local_user
 
 pytestmark = [pytest.mark.qemu, pytest.mark.images, pytest.mark.libvirt]
@@ -42,6 +42,7 @@ def fs() -> Iterator[LocalUser]:
     require_root("root's persistent clusters are qemu:///system's")
     require_image("debian")
     with running_libvirtd(), local_user("root") as user:
+        clear_stale("root", NAME, user.state)
         (user.home / ".vcluster" / "templates.yaml").write_text(TEMPLATE)
         made = user.run("cluster", "create", NAME, "fsdeb:3")
         assert made.returncode == 0, made.stdout + made.stderr
