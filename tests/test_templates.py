@@ -131,7 +131,7 @@ def test_a_disk_is_formatted_and_mounted_by_cloud_init_and_bad_words_are_refused
                       "label": "data", "partition": "none", "overwrite": False}],
         "mounts": [["/dev/disk/by-id/virtio-data", "/data", "ext4",
                     "defaults,nofail,x-systemd.device-timeout=0,x-systemd.before=cloud-final"
-                    ".service,x-systemd.required-by=cloud-final.service", "0", "2"]]}
+                    ".service,x-systemd.wanted-by=cloud-final.service", "0", "2"]]}
     bad = {"{name: d, size: 1G, format: ntfs}": r"format: 'ntfs' is not a file system",
            "{name: d, size: 1G, format: ext4, shared: true}": r"a shared disk is formatted",
            "{name: d, size: 1G, mount: data}": r"'data' is not an absolute path",

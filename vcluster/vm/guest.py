@@ -106,11 +106,13 @@ def disk_device(name: str) -> str:
 # A disk's udev link can take minutes to appear on a loaded TCG host, past systemd's 90 s
 # device timeout: with plain ``nofail`` the boot goes on without the mount and writes to
 # /data land on the root file system, lost at the next boot that mounts the disk.  So
-# no device timeout, and the mount required before cloud-final (whose message is the
-# VM's ready line): ready means mounted; a disk that never appears is a VM never ready,
-# not a boot into emergency mode.
+# no device timeout, and the mount ordered before cloud-final (whose message is the VM's
+# ready line) and wanted by it: ready means the mount was done.  Wanted, not required: a
+# clone's first boot finds its source's fstab line over a disk not yet formatted (the
+# mount fails, cloud-init formats and mounts it before cloud-final), and a disk that
+# never appears is a VM never ready, not a boot into emergency mode.
 MOUNT_OPTIONS = ("defaults,nofail,x-systemd.device-timeout=0,"
-                 "x-systemd.before=cloud-final.service,x-systemd.required-by=cloud-final.service")
+                 "x-systemd.before=cloud-final.service,x-systemd.wanted-by=cloud-final.service")
 
 
 def disk_config(vm: VmPlan) -> dict[str, Any]:
