@@ -8,6 +8,7 @@ reads and writes happen inside the guests, so the tests check the sharing itself
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,11 +242,17 @@ def test_two_users_clusters_on_the_same_hosts_are_apart(
 # ------------------------------------------------------------------ FAM placement
 
 
+def two_slots_on_h1_and_h2(sandbox: Sandbox, shared: Shared, flag: str,
+                           definition: str) -> contextlib.AbstractContextManager[BackgroundAlloc]:
+    """Alice's cluster of ``definition`` over h1 and h2, two VMs' room on each, held until
+    ``finish(running, shared, flag)``."""
+    return background_alloc(sandbox, ALICE, shared.home, "-N2", "-w", "h1,h2", "-c", "1",
+                            "--ntasks-per-node=2", "-E", wait_flag(shared, flag), definition)
+
+
 def test_a_fam_pair_is_placed_together_and_shares(
         sandbox: Sandbox, shared: Shared, tool: JobTool) -> None:
-    with background_alloc(sandbox, ALICE, shared.home, "-N2", "-w", "h1,h2", "-c", "1",
-                          "--ntasks-per-node=2", "-E", wait_flag(shared, "fam"),
-                          "tiny-fam:2,tiny:2") as running:
+    with two_slots_on_h1_and_h2(sandbox, shared, "fam", "tiny-fam:2,tiny:2") as running:
         job = running.wait_ready()
         vms = shells(tool, job, 4)
         assert host_of(vms[0]) == host_of(vms[1]), [s.name for s in vms]
@@ -262,9 +269,7 @@ def test_a_fam_pair_is_placed_together_and_shares(
 
 def test_vms_sharing_a_disk_are_placed_together_and_write_one_image(
         sandbox: Sandbox, shared: Shared, tool: JobTool) -> None:
-    with background_alloc(sandbox, ALICE, shared.home, "-N2", "-w", "h1,h2", "-c", "1",
-                          "--ntasks-per-node=2", "-E", wait_flag(shared, "disk"),
-                          "tiny:1,tinysh:2") as running:
+    with two_slots_on_h1_and_h2(sandbox, shared, "disk", "tiny:1,tinysh:2") as running:
         job = running.wait_ready()
         vms = shells(tool, job, 3)
         assert host_of(vms[1]) == host_of(vms[2]), [s.name for s in vms]

@@ -166,8 +166,7 @@ def _files(cluster: Cluster, spec: ClusterSpec, source: int, plan: ClonePlan,
     files = VmFiles.of(workdir, plan.vm.index)
     shutil.rmtree(files.dir, ignore_errors=True)  # a clone cut short: made anew
     files.dir.mkdir(mode=0o700)
-    own = replace(plan.vm, disks=tuple(d for d in plan.vm.disks if not d.shared))
-    make_disks(own, files)
+    make_disks(plan.vm, files)  # the shared disks are there already: attached, not made
     if plan.vm.boot.kind == "disk":
         files.overlay.unlink()
         run(["cp", "--sparse=always", "--reflink=auto",
