@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,28 +43,53 @@ def answers() -> bool:
     return done.returncode == 0
 
 
+@dataclass(frozen=True)
+class SessionOf:
+    """Whose qemu:///session to run: the user and the environment of their commands (its
+    HOME decides where the session's sockets are)."""
+
+    user: str
+    env: Mapping[str, str]
+
+    def answers(self) -> bool:
+        done = subprocess.run(["virsh", "-c", "qemu:///session", "version"],
+                              capture_output=True, timeout=30, check=False,
+                              stdin=subprocess.DEVNULL, **self.popen_args())
+        return done.returncode == 0
+
+    def popen_args(self) -> dict[str, Any]:
+        entry = pwd.getpwnam(self.user)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [],
+                "env": dict(self.env), "cwd": "/"}
+
+
 @contextlib.contextmanager
-def running_libvirtd() -> Iterator[None]:
-    """libvirtd (and virtlogd, for the consoles' logs) until the block ends."""
+def running_libvirtd(session: SessionOf | None = None) -> Iterator[None]:
+    """libvirtd (and virtlogd, for the consoles' logs) until the block ends: the system's,
+    or with ``session`` that user's session daemons, which libvirt would otherwise start
+    itself for the user's first command, daemonized, out of the test's reach."""
     for tool in ("libvirtd", "virtlogd", "virsh"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: .ci/run installs libvirt-daemon-system")
-    if answers():
+    if session is None and answers():
         yield
         return
+    ready = answers if session is None else session.answers
+    extra = {} if session is None else session.popen_args()
     started: list[subprocess.Popen[bytes]] = []
     try:
         for daemon in ("virtlogd", "libvirtd"):
             started.append(subprocess.Popen([sys.executable, str(REAPER), daemon],
                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL, start_new_session=True))
+                                            stderr=subprocess.DEVNULL, start_new_session=True,
+                                            **extra))
         deadline = time.monotonic() + START_TIMEOUT
-        while not answers():
+        while not ready():
             for proc in started:
                 if proc.poll() is not None:
                     pytest.fail(f"{proc.args!r} exited with status {proc.returncode}")
             if time.monotonic() > deadline:
-                pytest.fail(f"libvirtd did not answer on {SOCKET} within {START_TIMEOUT:g} s")
+                pytest.fail(f"libvirtd did not answer within {START_TIMEOUT:g} s")
             time.sleep(0.2)
         yield
     finally:

@@ -5,14 +5,13 @@ One tiny-fam:2 cluster: the VMs share their FAM region, reach each other on
 the private network (a vde_switch of the user's, started by ``cluster
 start``) and are reached by ssh through QEMU's user-mode NAT; a clone of vm1
 is vm2, on the same switch; remove leaves nothing of it (no switch either).
-The session's libvirtd and virtlogd, started for the user by libvirt, are
-stopped by PID at the end.
+The session's libvirtd and virtlogd are the test's, started as the user under
+a subreaper that reaps the QEMUs they leave (see support_libvirt), and stopped
+at the end.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.helpers.waiting import wait_for
 from tests.support_agent import unix_users
 from tests.support_images import require_image
+from tests.support_libvirt import SessionOf, running_libvirtd
 from tests.support_local import LocalUser, leftovers, local_user, qemus
 
 pytestmark = [pytest.mark.qemu, pytest.mark.images, pytest.mark.libvirt]
@@ -31,23 +30,8 @@ DAVE = "vclt-dave"
 NAME = "sp"
 
 
-def session_daemons(uid: int) -> list[int]:
-    """The libvirtd and virtlogd libvirt started for ``uid`` (its session's)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid == uid and \
-                    (entry / "comm").read_text().strip() in ("libvirtd", "virtlogd"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def switches(uid: int) -> list[int]:
-    """The user's live vde_switch processes (an exited one PID 1 has not reaped yet aside)."""
+def live(uid: int, *programs: str) -> list[int]:
+    """The user's live processes of ``programs`` (exited ones not reaped yet aside)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
@@ -57,9 +41,17 @@ def switches(uid: int) -> list[int]:
         except OSError:
             continue
         comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
-        if comm == "vde_switch" and state != "Z":
+        if comm in programs and state != "Z":
             found.append(int(entry.name))
     return found
+
+
+def session_daemons(uid: int) -> list[int]:
+    return live(uid, "libvirtd", "virtlogd")
+
+
+def switches(uid: int) -> list[int]:
+    return live(uid, "vde_switch")
 
 
 def virsh(user: LocalUser, *args: str) -> str:
@@ -74,18 +66,16 @@ def dave() -> Iterator[LocalUser]:
     require_root("the test makes a unix user")
     require_image("tiny")
     with unix_users(DAVE), local_user(DAVE) as user:
-        try:
-            made = user.run("cluster", "create", NAME, "tiny-fam:2")
-            assert made.returncode == 0, made.stdout + made.stderr
-            started = user.run("cluster", "start", NAME, timeout=300)
-            assert started.returncode == 0, started.stdout + started.stderr
-            yield user
-        finally:
-            user.run("cluster", "remove", "--force", NAME)
-            for pid in session_daemons(user.uid):
-                os.kill(pid, signal.SIGTERM)
-            wait_for("the session's libvirtd and virtlogd to exit",
-                     lambda: not session_daemons(user.uid), timeout=30)
+        with running_libvirtd(SessionOf(DAVE, user.env())):
+            try:
+                made = user.run("cluster", "create", NAME, "tiny-fam:2")
+                assert made.returncode == 0, made.stdout + made.stderr
+                started = user.run("cluster", "start", NAME, timeout=300)
+                assert started.returncode == 0, started.stdout + started.stderr
+                yield user
+            finally:
+                user.run("cluster", "remove", "--force", NAME)
+        assert session_daemons(user.uid) == []
 
 
 def run_in(user: LocalUser, *args: str) -> str:
