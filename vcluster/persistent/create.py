@@ -55,7 +55,7 @@ from vcluster.qemu import LibvirtNetwork, NicBackend, SharedMemory, UserNet, Vde
 from vcluster.run import run
 from vcluster.seed import write_seed
 from vcluster.vm import guest, machine
-from vcluster.vm.disks import QEMU_IMG_TIMEOUT, image_format, make_disks
+from vcluster.vm.disks import image_format, make_disks
 from vcluster.vm.guest import NicAddress
 
 if TYPE_CHECKING:
@@ -291,18 +291,11 @@ class Creator:
         workdir.mkdir(mode=0o700)
         write_atomically(key_file(workdir, sshkeys.PRIVATE), pair.private)
         write_atomically(key_file(workdir, sshkeys.PUBLIC), pair.public + "\n")
-        for path in record.shared_disks:
-            disk = next(d for vm in plan.vms for d in vm.disks
-                        if d.shared and path == shared_disk(workdir, d.name))
-            assert disk.size is not None  # check_plan
-            run(["qemu-img", "create", "-q", "-f", "raw", str(path), str(disk.size)],
-                timeout=QEMU_IMG_TIMEOUT)
         for vm in plan.vms:
             self.say(f"cluster {self.name}: {vm.name}: disks and seed")
             files = VmFiles.of(workdir, vm.index)
             files.dir.mkdir(mode=0o700)
-            own = replace(vm, disks=tuple(d for d in vm.disks if not d.shared))
-            make_disks(own, files)
+            make_disks(vm, files)  # the shared disks too, by the first VM that has them
             if self.copy and vm.boot.kind == "disk" and vm.boot.disk is not None:
                 files.overlay.unlink()
                 run(["qemu-img", "convert", "-q", "-f", image_format(vm.boot.disk), "-O",
