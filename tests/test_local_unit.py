@@ -15,6 +15,8 @@ from vcluster.hostpaths import HostLayout
 from vcluster.launch.batchargs import read_request
 from vcluster.local import registry
 from vcluster.local.batch import local_sbatch, output_path
+from vcluster.local.reconcile import stragglers
+from vcluster.run import start_time
 from vcluster.store import MemoryStore
 from vcluster.store.keys import Keys
 
@@ -41,7 +43,7 @@ def test_job_ids_count_up_and_skip_what_is_still_on_disk(tmp_path: Path) -> None
 
 def test_a_dead_or_reaped_launcher_is_not_alive() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    started = registry.start_time(proc.pid)
+    started = start_time(proc.pid)
     assert started is not None
     record = registry.LocalJob("1", "alice", os.getuid(), proc.pid, started, "x", True,
                                Path("/run"), Path("/state"))
@@ -49,6 +51,23 @@ def test_a_dead_or_reaped_launcher_is_not_alive() -> None:
     assert not registry.alive(record)
     assert not registry.alive(registry.LocalJob("1", "a", 0, os.getpid(), started + 1, "x",
                                                 True, Path("/r"), Path("/s")))  # pid reused
+
+
+def test_a_dead_launchers_held_runners_are_found_by_its_mark(tmp_path: Path) -> None:
+    """A held runner has no job id on its command line, only its launcher's pid and start
+    time: reconcile finds the runners of that launcher, and no other's."""
+    launcher = registry.LocalJob("8", "alice", os.getuid(), 4242, 777, "x", True,
+                                 tmp_path / "run", tmp_path / "state")
+    sleep = [sys.executable, "-c", "import time; time.sleep(30)", "internal", "vm"]
+    ours = subprocess.Popen([*sleep, "--held", "--launcher=4242:777"])
+    other = subprocess.Popen([*sleep, "--held", "--launcher=4242:778"])  # the pid reused
+    try:
+        found = stragglers(launcher)
+        assert ours.pid in found and other.pid not in found
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
 
 
 def test_the_local_agent_knows_the_launchers_descendants_only() -> None:
@@ -99,14 +118,14 @@ def test_the_comment_is_kept_in_the_jobs_record(tmp_path: Path) -> None:
 
 
 def test_a_held_runner_ends_at_once_when_its_launcher_never_says_go(tmp_path: Path) -> None:
-    """The launcher starts the runners before it records the cluster; one that fails
-    before that closes their stdin: they end, publishing nothing."""
+    """The launcher starts the runners before the job has its id; one that fails before
+    it says the id closes their stdin: they end, publishing nothing."""
     (tmp_path / "conf").mkdir()
     env = {"HOME": str(tmp_path), "VCLUSTER_CONF": str(tmp_path / "conf"),
            "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_RUNTIME_DIR": str(tmp_path),
            "PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
-    done = subprocess.run([sys.executable, "-m", "vcluster", "internal", "vm", "--job=1",
-                           "--vm=0", "--host=here", "--local", "--held"], env=env,
+    done = subprocess.run([sys.executable, "-m", "vcluster", "internal", "vm", "--vm=0",
+                           "--host=here", "--local", "--local-agent", "--held"], env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     database = tmp_path / "state" / "vcluster" / "store.db"

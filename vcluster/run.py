@@ -207,3 +207,17 @@ def stop(proc: subprocess.Popen[Any], grace: float, *,
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(KILL_WAIT)
     return ending
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks after boot), None if it is gone
+    (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None  # dead, waiting to be reaped (which may take a while)
+    return int(fields[19])  # field 22 of the whole line

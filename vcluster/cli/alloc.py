@@ -51,16 +51,17 @@ def alloc(ctx: click.Context, cpus: int | None, command: str | None,
     from vcluster.launch.submit import split_definition, submit_alloc
 
     verbose = (ctx.find_root().params.get("verbose") or 0) > 0
-    if load_config().batch.local:
+    config = load_config()
+    if config.batch.local:
         from vcluster.errors import InputError
-        from vcluster.local.launch import local_alloc
+        from vcluster.local.alloc import local_alloc
 
         options, definition = split_definition(list(args))
         if options:
             raise InputError(f"{' '.join(options)}: the local backend runs the cluster on "
                              "this machine and takes no SLURM options (expected -c, -E, "
                              "--stop-timeout, --ready-timeout and the DEFINITION)")
-        raise SystemExit(local_alloc(definition, cpus=cpus, command=command,
+        raise SystemExit(local_alloc(config, definition, cpus=cpus, command=command,
                                      stop_timeout=stop_timeout, ready_timeout=ready_timeout,
                                      verbose=verbose))
     raise SystemExit(submit_alloc(list(args), cpus=cpus, command=command,

@@ -113,7 +113,10 @@ class Launcher:
     def __init__(self, plan: ClusterPlan, store: Store, *, prefix: str, job: str,
                  job_name: str, options: LaunchOptions, allocation: Allocation,
                  agent: VniSource, start_step: StepStarter = RunnerStep,
-                 cancellation: Cancellation | None = None, out: TextIO | None = None) -> None:
+                 cancellation: Cancellation | None = None, out: TextIO | None = None,
+                 cluster_key: sshkeys.Background | None = None) -> None:
+        # The cluster's key pair: being made from now on (or from the caller's start).
+        self.cluster_key = cluster_key or sshkeys.Background(f"vcluster-job-{job}")
         self.plan = plan
         self.store = store
         self.job = job
@@ -153,7 +156,7 @@ class Launcher:
 
     def record(self, vnis: dict[str, int]) -> int:
         """Write the key pair, one pending record per VM, then the spec; its revision."""
-        pair = sshkeys.generate(f"vcluster-job-{self.job}")
+        pair = self.cluster_key.result()
         spec = ClusterSpec(self.job, self.job_name, self.user, os.getuid(), time.time(),
                            pair.public, self.plan, vnis=dict(vnis),
                            mode="alloc" if self.options.script is None else "batch",

@@ -1,10 +1,11 @@
 """Launching a local cluster: the launcher of ``vcluster.launch``, run here, on this machine.
 
 ``run_local`` does what salloc and the SLURM prolog and epilog do around
-the launcher: reconcile what dead local launchers left, take a job id,
-start the VM runners held (``local.step``: they start up while the rest is
-done), record the job (``local.registry``), make its devices (root: serve
-the agent in-process; a normal user: ``local.rootless``), run the same
+the launcher: start the VM runners held (``local.step``: they start up
+while the rest is done; ``vcluster alloc`` starts them first of all, in
+``local.alloc``), reconcile what dead local launchers left, take a job id,
+record the job (``local.registry``), make its devices (root: serve the
+agent in-process; a normal user: ``local.rootless``), run the same
 ``Launcher`` with this machine as its one host and the held runners for its
 step, and at the end, however it ends, release everything and forget the
 job.  A launcher killed outright loses its runners and QEMUs at once
@@ -18,7 +19,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 
+from vcluster import sshkeys
 from vcluster.cluster import ClusterPlan
+from vcluster.config.batch import BatchConfig
 from vcluster.config.loader import Config
 from vcluster.errors import InputError
 from vcluster.identity import host_name, user_name
@@ -26,7 +29,7 @@ from vcluster.launch.launcher import Launcher, LaunchOptions
 from vcluster.launch.placement import Allocation, Host, PlacementError, VmNeed, place
 from vcluster.local import registry, rootless
 from vcluster.local.reconcile import policy_dir, reconcile
-from vcluster.local.step import LocalStep
+from vcluster.local.step import LocalStep, held_runners
 from vcluster.store import open_store
 from vcluster.store.keys import Keys
 
@@ -44,13 +47,26 @@ def allocation(cpus: int | None) -> Allocation:
 
 
 def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name: str,
-              cpus: int | None, job: str | None = None, comment: str | None = None) -> int:
+              cpus: int | None, job: str | None = None, comment: str | None = None,
+              runners: LocalStep | None = None) -> int:
     """Run the cluster of ``plan`` on this machine until the user's part ends; its status.
 
     ``job``: an id taken already (a batch job's, said when it was submitted); ``comment``:
-    the user's, kept in the job's record.
+    the user's, kept in the job's record; ``runners``: its VMs' (``step.held_runners``) if the
+    caller started them already, which this stops at the end as its own.
     """
     batch = config.batch
+    with contextlib.ExitStack() as stack:
+        if runners is None:
+            runners = held_runners(len(plan.vms), rootless=batch.rootless,
+                                   stop_timeout=options.stop_timeout, echo=options.verbose)
+        stack.callback(runners.stop, 0.0)  # if the launcher never takes them
+        return _run(batch, plan, options, runners, name=name, cpus=cpus, job=job,
+                    comment=comment)
+
+
+def _run(batch: BatchConfig, plan: ClusterPlan, options: LaunchOptions, runners: LocalStep,
+         *, name: str, cpus: int | None, job: str | None, comment: str | None) -> int:
     if (missing := rootless.missing_tools(plan)) is not None and batch.rootless:
         raise InputError(missing)
     here = allocation(cpus)
@@ -67,18 +83,12 @@ def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name
         layout = batch.directories.layout
         jobs = registry.Registry(store, keys, layout)
         job = job or jobs.new_job_id()
+        cluster_key = sshkeys.Background(f"vcluster-job-{job}")  # made meanwhile
         record = registry.own_record(job, user, name, batch.rootless, layout.run, layout.state,
                                      comment)
         jobs.record(record)
         try:
             with contextlib.ExitStack() as stack:
-                extra = ["--local"]
-                if not batch.rootless:
-                    extra.append(f"--agent-socket={layout.local_agent_socket(job)}")
-                runners = LocalStep(job, [host_name()] * len(plan.vms),
-                                    stop_timeout=options.stop_timeout, echo=options.verbose,
-                                    extra=extra)
-                stack.callback(runners.stop, 0.0)  # if the launcher never takes them
                 made = rootless.Made(layout, job, batch.rootless)
                 stack.callback(made.remove)
                 rootless.prepare(job, plan, layout, made, rootless=batch.rootless)
@@ -92,22 +102,10 @@ def run_local(config: Config, plan: ClusterPlan, options: LaunchOptions, *, name
                         batch, policy_dir(batch), store, job, user, len(plan.vms)))
                 launcher = Launcher(plan, store, prefix=batch.store.prefix, job=job,
                                     job_name=name, options=options, allocation=here,
-                                    agent=NoTunnels(), start_step=runners.go)
+                                    agent=NoTunnels(), start_step=runners.go,
+                                    cluster_key=cluster_key)
                 return launcher.run()
         finally:
             jobs.forget(record)
     finally:
         store.close()
-
-
-def local_alloc(definition: str, *, cpus: int | None, command: str | None,
-                stop_timeout: float | None, ready_timeout: float, verbose: bool) -> int:
-    """``vcluster alloc`` on the local backend."""
-    from vcluster.cluster import plan_cluster
-    from vcluster.config.loader import load_config
-
-    config = load_config()
-    plan = plan_cluster(config, definition, cpus_per_task=cpus)
-    options = LaunchOptions(command=command, stop_timeout=stop_timeout,
-                            ready_timeout=ready_timeout, verbose=verbose, local=True)
-    return run_local(config, plan, options, name="vcluster", cpus=cpus)

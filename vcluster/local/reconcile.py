@@ -81,7 +81,8 @@ def stragglers(job: LocalJob) -> list[int]:
                 continue
         pid = int(entry.name)
         argv = _cmdline(pid)
-        runner = "internal" in argv and "vm" in argv and f"--job={job.job}" in argv
+        runner = "internal" in argv and "vm" in argv and \
+            bool({f"--job={job.job}", f"--launcher={job.pid}:{job.started}"} & set(argv))
         if runner or any(mark in arg for arg in argv for mark in marks) \
                 or _in_job_environment(pid, job.job):
             found.append(pid)

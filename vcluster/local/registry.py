@@ -21,6 +21,7 @@ from vcluster import codec, files
 from vcluster.codec import CodecError
 from vcluster.errors import StoreError
 from vcluster.hostpaths import HostLayout
+from vcluster.run import start_time
 from vcluster.store.base import Put, Store, absent
 from vcluster.store.keys import Keys
 
@@ -44,20 +45,6 @@ class LocalJob:
     state: Path
     switches: dict[str, int] = field(default_factory=dict)  # private network -> vde_switch pid
     comment: str | None = None  # the user's own (batch --comment), kept as SLURM keeps it
-
-
-def start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks after boot), None if it is gone
-    (or a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces: split after it.
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):
-        return None  # dead, waiting to be reaped (which may take a while)
-    return int(fields[19])  # field 22 of the whole line
 
 
 def alive(job: LocalJob) -> bool:

@@ -1,12 +1,13 @@
 """The VM runners of a local cluster: one child process per VM, the launcher's own.
 
 The local twin of ``launch.steps.RunnerStep`` (srun): the same
-``vcluster internal vm`` per VM, told its index, job and host on its
-command line instead of by SLURM's environment.  The runners are started
-held (``--held``) as soon as the job has its id: each starts Python, imports
-its code and opens the store while the launcher records the job and makes
-its devices, then waits for a line on its stdin; ``go`` (the launcher's
-``StepStarter``, once the cluster's record is in) sends it.  Each runner is started
+``vcluster internal vm`` per VM, told its index and host on its command
+line instead of by SLURM's environment.  The runners are started held
+(``--held``) as soon as the cluster's VMs are known, before the job has an
+id: each starts Python, imports its code and opens the store while the
+launcher imports its own, takes the job's id, records the job and makes its
+devices; then it waits for a line on its stdin, the job's id, which ``go``
+(the launcher's ``StepStarter``, once the cluster's record is in) sends.  Each runner is started
 under ``setpriv --pdeathsig KILL`` (its QEMU is under the same against the
 runner), so a launcher killed outright takes its runners, and they their
 QEMUs, with it; each in a process group of its own, so the Ctrl-C meant
@@ -18,6 +19,7 @@ to every runner (each powers its guest down), a bounded wait, then SIGKILL.
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import threading
@@ -25,14 +27,21 @@ from collections.abc import Sequence
 from typing import IO
 
 from vcluster.launch.steps import Step
-from vcluster.run import Child, spawn, stop_all
+from vcluster.run import Child, spawn, start_time, stop_all
 
 
-def runner_argv(job: str, index: int, host: str, stop_timeout: float | None,
+def launcher_mark() -> str:
+    """This process as its runners name it on their command line: its pid and start time
+    (a runner has no job id there, and reconcile finds a dead launcher's by this)."""
+    pid = os.getpid()
+    return f"{pid}:{start_time(pid)}"
+
+
+def runner_argv(index: int, host: str, stop_timeout: float | None,
                 extra: Sequence[str]) -> list[str]:
     argv = ["setpriv", "--pdeathsig", "KILL", "--", sys.executable, "-m", "vcluster",
-            "internal", "vm", f"--job={job}", f"--vm={index}", f"--host={host}", "--held",
-            *extra]
+            "internal", "vm", f"--vm={index}", f"--host={host}", "--held",
+            f"--launcher={launcher_mark()}", *extra]
     if stop_timeout is not None:
         argv.append(f"--stop-timeout={stop_timeout:g}")
     return argv
@@ -41,10 +50,10 @@ def runner_argv(job: str, index: int, host: str, stop_timeout: float | None,
 class LocalStep:
     """One runner process per VM on this machine (``launch.steps.Step``), held until ``go``."""
 
-    def __init__(self, job: str, hosts: Sequence[str], *, stop_timeout: float | None = None,
+    def __init__(self, hosts: Sequence[str], *, stop_timeout: float | None = None,
                  echo: bool = False, extra: Sequence[str] = ()) -> None:
-        self.job = job
         self.hosts = tuple(hosts)
+        self.stop_timeout = stop_timeout
         self.echo = echo
         self.after_ready = False
         self.output: collections.deque[str] = collections.deque(maxlen=200)
@@ -53,7 +62,7 @@ class LocalStep:
         self._lock = threading.Lock()
         try:
             for index, host in enumerate(hosts):
-                proc = spawn(runner_argv(job, index, host, stop_timeout, extra),
+                proc = spawn(runner_argv(index, host, stop_timeout, extra),
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, process_group=0)
                 self.procs.append(proc)
@@ -68,15 +77,16 @@ class LocalStep:
 
     def go(self, job: str, hosts: Sequence[str], *, stop_timeout: float | None,
            echo: bool) -> Step:
-        """Let the held runners prepare their VMs (a ``launch.steps.StepStarter``: the
-        launcher calls it once the cluster's record is in)."""
-        if job != self.job or tuple(hosts) != self.hosts:
-            raise RuntimeError(f"the runners were started for job {self.job} on "
-                               f"{', '.join(self.hosts)}, not job {job} on {', '.join(hosts)}")
+        """Let the held runners prepare the VMs of ``job`` (a ``launch.steps.StepStarter``:
+        the launcher calls it once the cluster's record is in)."""
+        if tuple(hosts) != self.hosts or stop_timeout != self.stop_timeout:
+            raise RuntimeError(f"the runners were started on {', '.join(self.hosts)} with "
+                               f"stop timeout {self.stop_timeout}, not on {', '.join(hosts)} "
+                               f"with {stop_timeout}")
         for proc in self.procs:
             assert proc.stdin is not None  # asked for with stdin=PIPE
             try:
-                proc.stdin.write(b"go\n")
+                proc.stdin.write(f"{job}\n".encode())
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # that runner has ended already: exited() says how
@@ -109,3 +119,13 @@ class LocalStep:
         for reader in self._readers:
             reader.join(5)
         return self.exited() or 0
+
+
+def held_runners(count: int, *, rootless: bool, stop_timeout: float | None,
+                 echo: bool) -> LocalStep:
+    """The runners of a local cluster of ``count`` VMs, started held: a normal user's
+    with the devices its launcher made, root's asking the job's agent in the launcher."""
+    from vcluster.identity import host_name
+
+    extra = ["--local"] if rootless else ["--local", "--local-agent"]
+    return LocalStep([host_name()] * count, stop_timeout=stop_timeout, echo=echo, extra=extra)

@@ -13,8 +13,8 @@ DETACH_HELP = "Ctrl-]"
 
 
 @click.command("vm")
-@click.option("--job", envvar="SLURM_JOB_ID", required=True, metavar="JOBID",
-              help="The SLURM job (default: $SLURM_JOB_ID).")
+@click.option("--job", envvar="SLURM_JOB_ID", default=None, metavar="JOBID",
+              help="The SLURM job (default: $SLURM_JOB_ID; with --held, the line read).")
 @click.option("--vm", "index", envvar="SLURM_PROCID", type=click.IntRange(min=0), required=True,
               metavar="N", help="The VM's index in the cluster (default: $SLURM_PROCID).")
 @click.option("--host", envvar="SLURMD_NODENAME", default=None, metavar="HOST",
@@ -30,13 +30,18 @@ DETACH_HELP = "Ctrl-]"
                    "--agent-socket names one (root's cluster).")
 @click.option("--agent-socket", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="The agent to ask for devices (default: the host's).")
+@click.option("--local-agent", is_flag=True,
+              help="With --local: ask the job's own agent, in its launcher (root's cluster).")
+@click.option("--launcher", default=None, metavar="PID:START",
+              help="With --held: the launcher that started this runner, its pid and start "
+                   "time (how vcluster gc knows a runner its dead launcher left).")
 @click.option("--held", is_flag=True,
-              help="Wait for a line on stdin before preparing the VM, and end at once at "
-                   "end of file (a local launcher starts its runners while it records the "
-                   "cluster).")
-def vm(job: str, index: int, host: str | None, ready_timeout: float | None,
-       stop_timeout: float | None, local: bool, agent_socket: Path | None,
-       held: bool) -> None:
+              help="Wait for a line on stdin, the job's id, before preparing the VM, and end "
+                   "at once at end of file (a local launcher starts its runners before the "
+                   "job has its id).")
+def vm(job: str | None, index: int, host: str | None, ready_timeout: float | None,
+       stop_timeout: float | None, local: bool, agent_socket: Path | None, local_agent: bool,
+       launcher: str | None, held: bool) -> None:
     """Run one VM of a cluster as this SLURM task, until the task is signalled.
 
     Publishes the VM's state (preparing, booting, ready, stopping, stopped or
@@ -48,6 +53,9 @@ def vm(job: str, index: int, host: str | None, ready_timeout: float | None,
     from vcluster.cancel import STOP_SIGNALS
     from vcluster.config.loader import load_batch
     from vcluster.session import StoreOpening
+
+    if job is None and not held:
+        raise click.UsageError("--job (or $SLURM_JOB_ID) is needed unless --held")
 
     # A local launcher starts its runners with the stop signals held back (as it starts
     # srun): they are ours to handle.
@@ -63,16 +71,24 @@ def vm(job: str, index: int, host: str | None, ready_timeout: float | None,
         from vcluster.vm.runner import DeviceSource
         from vcluster.vm.userdevices import LocalDeviceSource
 
-        options = RunnerOptions(job=job, index=index, host=host or socket.gethostname(),
-                                ready_timeout=ready_timeout, stop_timeout=stop_timeout)
         layout = batch.directories.layout
+        if held:  # what it can do before the launcher's word is done while it waits
+            import pycdlib  # noqa: F401  (the seed's writer)
+
+            job = sys.stdin.readline().strip()
+            if not job:
+                return  # the launcher ended before it started the cluster
+        assert job is not None  # given, or read when held
+        if local and local_agent:
+            agent_socket = layout.local_agent_socket(job)
         client = AgentClient(agent_socket or layout.agent_socket)
         agent: DeviceSource = client
         if local:
             agent = LocalDeviceSource(layout, client if agent_socket else None)
-        if held and not sys.stdin.readline():
-            return  # the launcher ended before it started the cluster
-        code = Runner(options, batch, agent=agent, open_store=opening.result).run()
+        options = RunnerOptions(job=job, index=index, host=host or socket.gethostname(),
+                                ready_timeout=ready_timeout, stop_timeout=stop_timeout)
+        runner = Runner(options, batch, agent=agent, open_store=opening.result)
+        code = runner.run()
     finally:
         opening.close()  # only if the runner did not take it
     sys.exit(code)

@@ -158,6 +158,8 @@ class Runner:
         self.cancellation = cancellation or Cancellation()
         self.name = f"vm{options.index}"
         self.user = user_name()
+        # The guest's host key: being made while the store opens and the VM's devices come.
+        self.host_key = sshkeys.Background(f"vcluster-{options.job}-{self.name}")
 
     # ------------------------------------------------------------ the whole life
 
@@ -253,7 +255,7 @@ class Runner:
         self.cancellation.check(self.name)
         make_disks(vm, files)
         given, ssh = nat_of(devices)
-        host_key = sshkeys.generate(f"vcluster-{opts.job}-{self.name}")
+        host_key = self.host_key.result()
         seed = guest.seed_files(spec, vm, given=given, host_key=host_key)
         write_seed(files.seed, meta_data=seed.meta_data, user_data=seed.user_data,
                    network_config=seed.network_config, guest_files=seed.guest_files)
