@@ -211,3 +211,16 @@ class SshTarget:
             if time.monotonic() - start > timeout:
                 pytest.fail(f"no ssh login after {timeout:g} s: {proc.stderr}")
             time.sleep(0.5)
+
+
+def image_owners() -> dict[str, tuple[int, int, int]]:
+    """Every file of the test images' revisions, with its owner, group and mode (not the
+    build cache beside them): what a persistent cluster must leave as it found."""
+    out = {}
+    for image in sorted(images_dir().resolve().iterdir()):
+        if image.name.startswith("."):
+            continue
+        for path in sorted(image.rglob("*")):
+            info = path.stat()
+            out[str(path)] = (info.st_uid, info.st_gid, info.st_mode)
+    return out

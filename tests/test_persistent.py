@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.support_images import images_dir, require_image
+from tests.support_images import image_owners, require_image
 from tests.support_libvirt import clear_stale, running_libvirtd, virsh
 from tests.support_local import LocalUser, local_user
 from vcluster.persistent.record import Phase, bridge_name
@@ -30,19 +30,6 @@ from vcluster.store.sqlite import SqliteStore
 pytestmark = [pytest.mark.qemu, pytest.mark.images, pytest.mark.libvirt]
 
 NAME = "famp"
-
-
-def owners(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Every file of the test images' revisions, with its owner, group and mode (not the
-    build cache beside them)."""
-    out = {}
-    for image in sorted(root.resolve().iterdir()):
-        if image.name.startswith("."):
-            continue
-        for path in sorted(image.rglob("*")):
-            info = path.stat()
-            out[str(path)] = (info.st_uid, info.st_gid, info.st_mode)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +44,7 @@ def root() -> Iterator[LocalUser]:
 
 @pytest.fixture(scope="module")
 def fam_cluster(root: LocalUser) -> Iterator[LocalUser]:
-    before = owners(images_dir())
+    before = image_owners()
     made = root.run("cluster", "create", NAME, "tiny-fam:2")
     assert made.returncode == 0, made.stdout + made.stderr
     try:
@@ -68,7 +55,7 @@ def fam_cluster(root: LocalUser) -> Iterator[LocalUser]:
     finally:
         gone = root.run("cluster", "remove", "--force", NAME)
         assert gone.returncode == 0, gone.stdout + gone.stderr
-        assert owners(images_dir()) == before  # no image file changed owner or mode
+        assert image_owners() == before  # no image file changed owner or mode
 
 
 def test_vm1_reads_what_vm0_wrote_in_the_fam_region_through_libvirt(

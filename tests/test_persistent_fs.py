@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.support_images import require_image
+from tests.support_images import image_owners, require_image
 from tests.support_libvirt import clear_stale, running_libvirtd, virsh
 from tests.support_local import LocalUser, local_user
 
@@ -44,6 +44,7 @@ def fs() -> Iterator[LocalUser]:
     with running_libvirtd(), local_user("root") as user:
         clear_stale("root", NAME, user.state)
         (user.home / ".vcluster" / "templates.yaml").write_text(TEMPLATE)
+        before = image_owners()
         made = user.run("cluster", "create", NAME, "fsdeb:3")
         assert made.returncode == 0, made.stdout + made.stderr
         try:
@@ -57,7 +58,10 @@ def fs() -> Iterator[LocalUser]:
             print(gone.stderr)
             assert f"vc-root-{NAME}-" not in virsh("list", "--all", "--name")
             assert f"vc-root-{NAME}-" not in virsh("net-list", "--all", "--name")
-            assert not (user.state / "work" / NAME).exists()
+            assert not (user.state / "work" / NAME).exists()  # its disks and seeds
+            assert not [p for p in Path("/dev/shm").iterdir()
+                        if p.name.startswith(f"vcluster-root-{NAME}-")]
+            assert image_owners() == before  # no image file changed owner or mode
 
 
 def run_in(user: LocalUser, *args: str) -> str:
