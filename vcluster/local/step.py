@@ -7,10 +7,10 @@ line instead of by SLURM's environment.  The runners are started held
 id: each starts Python, imports its code and opens the store while the
 launcher imports its own, takes the job's id, records the job and makes its
 devices; then it waits for a line on its stdin, the job's id, which ``go``
-(the launcher's ``StepStarter``, once the cluster's record is in) sends.  Each runner is started
-under ``setpriv --pdeathsig KILL`` (its QEMU is under the same against the
-runner), so a launcher killed outright takes its runners, and they their
-QEMUs, with it; each in a process group of its own, so the Ctrl-C meant
+(the launcher's ``StepStarter``, once the cluster's record is in) sends.
+Each runner is started under ``setpriv --pdeathsig KILL`` (its QEMU is
+under the same against the runner), so a launcher killed outright takes its
+runners, and they their QEMUs, with it; each in a process group of its own, so the Ctrl-C meant
 for the user's shell does not reach them.  Their output is kept, each line
 labelled with the VM's index as ``srun --label`` does.  Stopping is SIGTERM
 to every runner (each powers its guest down), a bounded wait, then SIGKILL.

@@ -84,6 +84,7 @@ def _convert(path: Path, node: yaml.Node, loader: yaml.SafeLoader, where: str) -
 # libyaml's parser when PyYAML has it (about ten times the pure one's speed, which
 # every command pays for the templates); a document it refuses is parsed again by the
 # pure one, whose messages are the ones documented.
+# (CSafeLoader is not a SafeLoader subclass, but has its methods: typed as one here.)
 FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 

@@ -72,8 +72,8 @@ def vm(job: str | None, index: int, host: str | None, ready_timeout: float | Non
         from vcluster.vm.userdevices import LocalDeviceSource
 
         layout = batch.directories.layout
-        if held:  # what it can do before the launcher's word is done while it waits
-            import pycdlib  # noqa: F401  (the seed's writer)
+        if held:
+            import pycdlib  # noqa: F401  (the seed's writer: imported while waiting)
 
             job = sys.stdin.readline().strip()
             if not job:
@@ -87,8 +87,7 @@ def vm(job: str | None, index: int, host: str | None, ready_timeout: float | Non
             agent = LocalDeviceSource(layout, client if agent_socket else None)
         options = RunnerOptions(job=job, index=index, host=host or socket.gethostname(),
                                 ready_timeout=ready_timeout, stop_timeout=stop_timeout)
-        runner = Runner(options, batch, agent=agent, open_store=opening.result)
-        code = runner.run()
+        code = Runner(options, batch, agent=agent, open_store=opening.result).run()
     finally:
         opening.close()  # only if the runner did not take it
     sys.exit(code)
