@@ -53,14 +53,15 @@ def test_a_dead_or_reaped_launcher_is_not_alive() -> None:
                                                 True, Path("/r"), Path("/s")))  # pid reused
 
 
-def test_a_dead_launchers_held_runners_are_found_by_its_mark(tmp_path: Path) -> None:
-    """A held runner has no job id on its command line, only its launcher's pid and start
-    time: reconcile finds the runners of that launcher, and no other's."""
+def test_what_a_dead_launcher_left_is_found_by_its_jobs_directories(tmp_path: Path) -> None:
+    """A QEMU or switch of the job names the job's work or run directory on its command
+    line: reconcile finds those of that job, and no other job's."""
     launcher = registry.LocalJob("8", "alice", os.getuid(), 4242, 777, "x", True,
                                  tmp_path / "run", tmp_path / "state")
-    sleep = [sys.executable, "-c", "import time; time.sleep(30)", "internal", "vm"]
-    ours = subprocess.Popen([*sleep, "--held", "--launcher=4242:777"])
-    other = subprocess.Popen([*sleep, "--held", "--launcher=4242:778"])  # the pid reused
+    layout = HostLayout(state=tmp_path / "state", run=tmp_path / "run")
+    sleep = [sys.executable, "-c", "import time; time.sleep(30)"]
+    ours = subprocess.Popen([*sleep, f"{layout.work_dir('8')}/vm0/disk.qcow2"])
+    other = subprocess.Popen([*sleep, f"{layout.work_dir('80')}/vm0/disk.qcow2"])
     try:
         found = stragglers(launcher)
         assert ours.pid in found and other.pid not in found

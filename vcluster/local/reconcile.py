@@ -4,8 +4,8 @@ A local job whose launcher is gone (``registry.alive``) while its record is
 still in the store was cut short: the launcher was killed before its own
 clean-up ran.  Its runners and QEMUs died with it (pdeathsig); what remains
 is removed here, in this order: any process of the caller's still working
-for the job (found by the job's directories on its command line, or its
-``--job`` as a runner's), the job's devices (root: the agent's release of
+for the job (found by the job's directories on its command line, or the
+job's id in its environment), the job's devices (root: the agent's release of
 its undo log; rootless: its run and work directories, the switches' sockets
 among them), its keys in the store, and last its record.  Every step is
 idempotent, so a reconcile that is itself cut short is finished by the next.
@@ -66,8 +66,9 @@ def _in_job_environment(pid: int, job: str) -> bool:
 
 
 def stragglers(job: LocalJob) -> list[int]:
-    """Processes of the caller's still working for ``job``: QEMUs, switches, runners, and
-    what its launcher ran for the user (never this process or its ancestors)."""
+    """Processes of the caller's still working for ``job``: QEMUs, switches, and what its
+    launcher ran for the user (never this process or its ancestors).  Its runners are not
+    among them: forked with a parent-death signal (``local.step``), they died with it."""
     layout = HostLayout(state=job.state, run=job.run)
     marks = (f"{layout.work_dir(job.job)}/", f"{layout.run_job(job.job)}/")
     uid = os.getuid()
@@ -81,9 +82,7 @@ def stragglers(job: LocalJob) -> list[int]:
                 continue
         pid = int(entry.name)
         argv = _cmdline(pid)
-        runner = "internal" in argv and "vm" in argv and \
-            bool({f"--job={job.job}", f"--launcher={job.pid}:{job.started}"} & set(argv))
-        if runner or any(mark in arg for arg in argv for mark in marks) \
+        if any(mark in arg for arg in argv for mark in marks) \
                 or _in_job_environment(pid, job.job):
             found.append(pid)
     return found

@@ -2,49 +2,62 @@
 
 The local twin of ``launch.steps.RunnerStep`` (srun): the same
 ``vcluster internal vm`` per VM, told its index and host on its command
-line instead of by SLURM's environment.  The runners are started held
-(``--held``) as soon as the cluster's VMs are known, before the job has an
-id: each starts Python, imports its code and opens the store while the
-launcher imports its own, takes the job's id, records the job and makes its
-devices; then it waits for a line on its stdin, the job's id, which ``go``
-(the launcher's ``StepStarter``, once the cluster's record is in) sends.
-Each runner is started under ``setpriv --pdeathsig KILL`` (its QEMU is
-under the same against the runner), so a launcher killed outright takes its
-runners, and they their QEMUs, with it; each in a process group of its own, so the Ctrl-C meant
-for the user's shell does not reach them.  Their output is kept, each line
-labelled with the VM's index as ``srun --label`` does.  Stopping is SIGTERM
-to every runner (each powers its guest down), a bounded wait, then SIGKILL.
+line instead of by SLURM's environment, run in a child forked from the
+launcher (``vcluster.fork``: it shares what the launcher imported, and
+imports only the runner's own code, half of what a new Python would).  The
+runners are forked held (``--held``) as soon as the cluster's VMs are known,
+before the job has an id and before the launcher has a thread: each imports
+its code and opens the store while the launcher imports its own, takes the
+job's id, records the job and makes its devices; then it waits for a line on
+its stdin, the job's id, which ``go`` (the launcher's ``StepStarter``, once
+the cluster's record is in) sends.  A runner gets SIGKILL when its launcher
+dies, however it dies (its QEMU is under the same against the runner), so a
+launcher killed outright takes its runners, and they their QEMUs, with it;
+each is in a process group of its own, so the Ctrl-C meant for the user's
+shell does not reach them, and is named ``vcluster-vmN`` (``ps -o comm``).
+Their output is kept, each line labelled with the VM's index as ``srun
+--label`` does.  Stopping is SIGTERM to every runner (each powers its guest
+down), a bounded wait, then SIGKILL.
 """
 
 from __future__ import annotations
 
 import collections
-import os
-import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO
 
+from vcluster.fork import Forked, fork_call
 from vcluster.launch.steps import Step
-from vcluster.run import Child, spawn, start_time, stop_all
+from vcluster.run import stop_all
 
 
-def launcher_mark() -> str:
-    """This process as its runners name it on their command line: its pid and start time
-    (a runner has no job id there, and reconcile finds a dead launcher's by this)."""
-    pid = os.getpid()
-    return f"{pid}:{start_time(pid)}"
-
-
-def runner_argv(index: int, host: str, stop_timeout: float | None,
+def runner_args(index: int, host: str, stop_timeout: float | None,
                 extra: Sequence[str]) -> list[str]:
-    argv = ["setpriv", "--pdeathsig", "KILL", "--", sys.executable, "-m", "vcluster",
-            "internal", "vm", f"--vm={index}", f"--host={host}", "--held",
-            f"--launcher={launcher_mark()}", *extra]
+    """The arguments of ``vcluster internal vm`` for the held runner of VM ``index``."""
+    args = [f"--vm={index}", f"--host={host}", "--held", *extra]
     if stop_timeout is not None:
-        argv.append(f"--stop-timeout={stop_timeout:g}")
-    return argv
+        args.append(f"--stop-timeout={stop_timeout:g}")
+    return args
+
+
+def _runner(args: list[str]) -> Callable[[], int]:
+    """``vcluster internal vm ARGS`` in the child, its errors said as the command line says
+    them (``cli.main``)."""
+
+    def run() -> int:
+        from vcluster.errors import VclusterError
+        from vcluster.vm.command import vm
+
+        try:
+            vm.main(args=args, prog_name="vcluster internal vm")  # exits
+        except VclusterError as e:
+            print(f"vcluster: error: {e}", file=sys.stderr)
+            return e.exit_code
+        return 0
+
+    return run
 
 
 class LocalStep:
@@ -57,16 +70,16 @@ class LocalStep:
         self.echo = echo
         self.after_ready = False
         self.output: collections.deque[str] = collections.deque(maxlen=200)
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[Forked] = []
         self._readers: list[threading.Thread] = []
         self._lock = threading.Lock()
         try:
             for index, host in enumerate(hosts):
-                proc = spawn(runner_argv(index, host, stop_timeout, extra),
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, process_group=0)
-                self.procs.append(proc)
-                assert proc.stdout is not None  # asked for with stdout=PIPE
+                held = [fd for proc in self.procs for fd in proc.descriptors()]
+                self.procs.append(fork_call(_runner(runner_args(index, host, stop_timeout,
+                                                                extra)),
+                                            name=f"vcluster-vm{index}", close=held))
+            for index, proc in enumerate(self.procs):  # threads once every runner is forked
                 reader = threading.Thread(target=self._read, args=(index, proc.stdout),
                                           daemon=True)
                 reader.start()
@@ -84,7 +97,6 @@ class LocalStep:
                                f"stop timeout {self.stop_timeout}, not on {', '.join(hosts)} "
                                f"with {stop_timeout}")
         for proc in self.procs:
-            assert proc.stdin is not None  # asked for with stdin=PIPE
             try:
                 proc.stdin.write(f"{job}\n".encode())
                 proc.stdin.close()
@@ -115,7 +127,7 @@ class LocalStep:
             return list(self.output)[-lines:]
 
     def stop(self, timeout: float) -> int:
-        stop_all([Child(p) for p in self.procs], timeout)
+        stop_all(self.procs, timeout)
         for reader in self._readers:
             reader.join(5)
         return self.exited() or 0

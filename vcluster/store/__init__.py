@@ -12,10 +12,23 @@ stored records in ``vcluster.store.records``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from vcluster.config.batch import StoreConfig
 from vcluster.errors import ConfigError
 from vcluster.store.base import Store
-from vcluster.store.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from vcluster.store.memory import MemoryStore
+
+
+def __getattr__(name: str) -> Any:
+    """``MemoryStore`` on first use (tests and fakes: no command needs it)."""
+    if name == "MemoryStore":
+        from vcluster.store.memory import MemoryStore
+
+        return MemoryStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_backend(config: StoreConfig) -> None:

@@ -29,7 +29,6 @@ thread, never under the lock, so they may call the store.
 from __future__ import annotations
 
 import bisect
-import secrets
 import threading
 import time
 import weakref
@@ -218,6 +217,8 @@ class MemoryStore(FedStore):
     # ------------------------------------------------------------ leases
 
     def grant(self, ttl: int) -> Lease:
+        import secrets  # only leases need it, and few commands take one
+
         if ttl < 1:
             raise ValueError(f"a lease lasts at least 1 s, not {ttl}")
         with self._lock:

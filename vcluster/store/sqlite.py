@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -114,7 +113,7 @@ class SqliteStore(FedStore):
 
     def __init__(self, path: Path, *, timeout: float = 5.0,
                  clock: Callable[[], float] = time.time, min_ttl: int = DEFAULT_MIN_TTL,
-                 history: int = DEFAULT_HISTORY, poll_interval: float = 0.02) -> None:
+                 history: int = DEFAULT_HISTORY, poll_interval: float = 0.01) -> None:
         self.path = Path(path)
         self.timeout = timeout
         self._clock = clock
@@ -489,6 +488,8 @@ class SqliteStore(FedStore):
     # ------------------------------------------------------------ leases
 
     def grant(self, ttl: int) -> Lease:
+        import secrets  # only leases need it, and few commands take one
+
         check_grant(BACKEND, ttl)
         ttl = max(ttl, self._min_ttl)
         granted: list[int] = []

@@ -32,16 +32,13 @@ DETACH_HELP = "Ctrl-]"
               help="The agent to ask for devices (default: the host's).")
 @click.option("--local-agent", is_flag=True,
               help="With --local: ask the job's own agent, in its launcher (root's cluster).")
-@click.option("--launcher", default=None, metavar="PID:START",
-              help="With --held: the launcher that started this runner, its pid and start "
-                   "time (how vcluster gc knows a runner its dead launcher left).")
 @click.option("--held", is_flag=True,
               help="Wait for a line on stdin, the job's id, before preparing the VM, and end "
                    "at once at end of file (a local launcher starts its runners before the "
                    "job has its id).")
 def vm(job: str | None, index: int, host: str | None, ready_timeout: float | None,
        stop_timeout: float | None, local: bool, agent_socket: Path | None, local_agent: bool,
-       launcher: str | None, held: bool) -> None:
+       held: bool) -> None:
     """Run one VM of a cluster as this SLURM task, until the task is signalled.
 
     Publishes the VM's state (preparing, booting, ready, stopping, stopped or

@@ -60,7 +60,7 @@ from vcluster.vm.workdir import make_vm_dir, remove_vm_files
 log = logging.getLogger(__name__)
 
 POLL = 0.2
-READY_POLL = 0.02  # the console log is read from where it was: a poll is cheap
+READY_POLL = 0.005  # the console log is read from where it was: a poll is cheap
 QMP_CONNECT_TIMEOUT = 20.0
 CONSOLE_TAIL = 20
 

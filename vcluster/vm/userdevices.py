@@ -17,13 +17,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vcluster import codec
-from vcluster.agent.client import AgentClient, VmDevices
 from vcluster.agent.protocol import FamRegion, FamSpec, NetworkSpec
 from vcluster.errors import VmError
 from vcluster.hostpaths import HostLayout
-from vcluster.qemu import NicBackend, UserNet, VdeSwitch
+
+if TYPE_CHECKING:  # the runner's side only: the launcher writes the records
+    from vcluster.agent.client import AgentClient, VmDevices
+    from vcluster.qemu import NicBackend, UserNet, VdeSwitch
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Port:
     ssh_port: int | None = None  # user: the 127.0.0.1 port forwarded to the guest's 22
 
     def backend(self) -> VdeSwitch | UserNet:
+        from vcluster.qemu import UserNet, VdeSwitch
+
         if self.kind == "switch":
             assert self.switch is not None
             return VdeSwitch(self.switch)
@@ -66,6 +71,8 @@ class LocalDeviceSource:
 
     def vm_resources(self, job: str, vm: int, networks: Sequence[NetworkSpec],
                      fam: FamSpec | None) -> VmDevices:
+        from vcluster.agent.client import VmDevices
+
         path = self.layout.local_devices(job)
         try:
             made = codec.from_json(LocalDevices, path.read_text(), what=str(path))
@@ -89,6 +96,7 @@ class LocalDeviceSource:
     def _with_agent(agent: AgentClient, job: str, vm: int, networks: Sequence[NetworkSpec],
                     fam: FamSpec | None, mine: VmPorts) -> VmDevices:
         """Taps of the agent where the port says so, the file's backends elsewhere."""
+        from vcluster.agent.client import VmDevices
         tapped = [n for n, p in zip(networks, mine.ports, strict=True) if p.kind == "tap"]
         got = agent.vm_resources(job, vm, tapped, fam)
         taps = iter(got.taps)
