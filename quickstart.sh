@@ -47,6 +47,11 @@ fi
 
 step "vcluster in $venv, on the PATH as $bindir/vcluster"
 [ -x "$venv/bin/python3" ] || "${as_root[@]}" /usr/bin/python3 -m venv "$venv"
+# pyroute2-minimal (setup.py) and an earlier install's full pyroute2 are the same package:
+# the full one goes first, or the two would mix their files.
+if "$venv/bin/python3" -m pip show pyroute2 >/dev/null 2>&1; then
+    "${as_root[@]}" "$venv/bin/python3" -m pip uninstall -y -q pyroute2
+fi
 "${as_root[@]}" "$venv/bin/python3" -m pip install -q --disable-pip-version-check .
 "${as_root[@]}" "$venv/bin/python3" -m pip install -q --disable-pip-version-check \
     --no-deps --force-reinstall .

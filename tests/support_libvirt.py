@@ -26,7 +26,10 @@ import pytest
 
 SOCKET = Path("/run/libvirt/libvirt-sock")
 REAPER = Path(__file__).resolve().parent / "helpers" / "reaper.py"
-START_TIMEOUT = 30.0
+# A new libvirtd probes QEMU's capabilities before it answers its first call: a few
+# seconds alone, but it has taken over 30 s on a busy two-core machine.
+START_TIMEOUT = 120.0
+ASK_TIMEOUT = 30.0  # one "virsh version": one that takes longer counts as no answer yet
 
 
 def virsh(*args: str) -> str:
@@ -38,8 +41,17 @@ def virsh(*args: str) -> str:
 def answers() -> bool:
     if not SOCKET.exists():
         return False
-    done = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
-                          timeout=30, check=False, stdin=subprocess.DEVNULL)
+    return _version("qemu:///system")
+
+
+def _version(uri: str, **popen: Any) -> bool:
+    """Whether ``virsh version`` on ``uri`` answers within ASK_TIMEOUT."""
+    try:
+        done = subprocess.run(["virsh", "-c", uri, "version"], capture_output=True,
+                              timeout=ASK_TIMEOUT, check=False, stdin=subprocess.DEVNULL,
+                              **popen)
+    except subprocess.TimeoutExpired:
+        return False
     return done.returncode == 0
 
 
@@ -52,10 +64,7 @@ class SessionOf:
     env: Mapping[str, str]
 
     def answers(self) -> bool:
-        done = subprocess.run(["virsh", "-c", "qemu:///session", "version"],
-                              capture_output=True, timeout=30, check=False,
-                              stdin=subprocess.DEVNULL, **self.popen_args())
-        return done.returncode == 0
+        return _version("qemu:///session", **self.popen_args())
 
     def popen_args(self) -> dict[str, Any]:
         entry = pwd.getpwnam(self.user)
