@@ -8,7 +8,7 @@ most 0.3 s.
 
 Both ways a local cluster runs are measured, each with its verdict: as root (the agent's
 code makes taps on a bridge, in the launcher) and as a normal user (rootless: a
-user-space switch; the bench makes the user ``vcluster-bench`` if it is missing).  Each
+user-space switch; the user ``vcluster-bench``, made for the run and removed after it).  Each
 runs with an empty HOME (but for a link to the test images) and an empty
 ``VCLUSTER_CONF``.  Run as root.
 """
@@ -60,18 +60,6 @@ class Mode:
         """vm0's work directory, as the -E command sees it."""
         state = f"{env['HOME']}/.local/state/vcluster" if self.user else "/var/lib/vcluster"
         return f"{state}/work/$VCLUSTER_JOB_ID/vm0"
-
-
-def bench_user() -> str:
-    """The normal user the rootless runs are made by (made if missing)."""
-    import pwd
-
-    try:
-        pwd.getpwnam(BENCH_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        BENCH_USER], check=True)
-    return BENCH_USER
 
 
 @contextlib.contextmanager
@@ -249,9 +237,12 @@ def report(mode: Mode, pairs: Sequence[tuple[float, LocalRun]]) -> float:
 
 def bench_local(images: Path, runs: int, timeout: float) -> None:
     """Print the local backend's figures, as root and rootless (see the module docstring)."""
-    modes = (Mode("root"), Mode(f"rootless, user {bench_user()}", bench_user()))
-    medians = {mode.label: report(mode, measure(images, mode, runs, timeout))
-               for mode in modes}
+    from tests.support_agent import unix_users
+
+    modes = (Mode("root"), Mode(f"rootless, user {BENCH_USER}", BENCH_USER))
+    with unix_users(BENCH_USER):
+        medians = {mode.label: report(mode, measure(images, mode, runs, timeout))
+                   for mode in modes}
     verdicts = [f"{label}: {'met' if median <= TARGET else 'NOT met'} (median {median:.2f} s)"
                 for label, median in medians.items()]
     print(f"bench alloc: local overhead target <= {TARGET:g} s: {'; '.join(verdicts)}")

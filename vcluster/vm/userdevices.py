@@ -97,6 +97,7 @@ class LocalDeviceSource:
                     fam: FamSpec | None, mine: VmPorts) -> VmDevices:
         """Taps of the agent where the port says so, the file's backends elsewhere."""
         from vcluster.agent.client import VmDevices
+
         tapped = [n for n, p in zip(networks, mine.ports, strict=True) if p.kind == "tap"]
         got = agent.vm_resources(job, vm, tapped, fam)
         taps = iter(got.taps)
