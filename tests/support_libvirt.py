@@ -16,11 +16,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -67,9 +68,12 @@ class SessionOf:
         return _version("qemu:///session", **self.popen_args())
 
     def popen_args(self) -> dict[str, Any]:
+        """As the user, in their environment, where a client that finds no session daemon
+        fails at once: by default it would start one of its own (``libvirtd --timeout=120``,
+        daemonized), and the one the test starts would exit 1 on the taken pid file."""
         entry = pwd.getpwnam(self.user)
         return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [],
-                "env": dict(self.env), "cwd": "/"}
+                "env": {**self.env, "LIBVIRT_AUTOSTART": "0"}, "cwd": "/"}
 
 
 @contextlib.contextmanager
@@ -85,30 +89,39 @@ def running_libvirtd(session: SessionOf | None = None) -> Iterator[None]:
         return
     ready = answers if session is None else session.answers
     extra = {} if session is None else session.popen_args()
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        for daemon in ("virtlogd", "libvirtd"):
-            started.append(subprocess.Popen([sys.executable, str(REAPER), daemon],
-                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL, start_new_session=True,
-                                            **extra))
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ready():
-            for proc in started:
-                if proc.poll() is not None:
-                    pytest.fail(f"{proc.args!r} exited with status {proc.returncode}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"libvirtd did not answer within {START_TIMEOUT:g} s")
-            time.sleep(0.2)
-        yield
-    finally:
-        for proc in reversed(started):
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:  # the reaper and its daemon: one process group
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    started: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+    with contextlib.ExitStack() as logs:
+        try:
+            for daemon in ("virtlogd", "libvirtd"):
+                out: IO[bytes] = logs.enter_context(tempfile.TemporaryFile())
+                started.append((subprocess.Popen([sys.executable, str(REAPER), daemon],
+                                                 stdin=subprocess.DEVNULL, stdout=out,
+                                                 stderr=out, start_new_session=True, **extra),
+                                out))
+            deadline = time.monotonic() + START_TIMEOUT
+            while not ready():
+                for proc, log in started:
+                    if proc.poll() is not None:
+                        pytest.fail(f"{proc.args!r} exited with status {proc.returncode}; "
+                                    f"its last lines:\n{_tail(log)}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"libvirtd did not answer within {START_TIMEOUT:g} s; its "
+                                f"last lines:\n{_tail(started[-1][1])}")
+                time.sleep(0.2)
+            yield
+        finally:
+            for proc, _log in reversed(started):
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:  # the reaper and its daemon: one group
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def _tail(log: IO[bytes], lines: int = 20) -> str:
+    log.seek(0)
+    return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
 
 
 def clear_stale(user: str, cluster: str, state: Path) -> None:

@@ -56,7 +56,8 @@ def switches(uid: int) -> list[int]:
 
 def virsh(user: LocalUser, *args: str) -> str:
     done = subprocess.run(["runuser", "-u", user.name, "--", "env", "-i",
-                           f"HOME={user.home}", "virsh", "-c", "qemu:///session", *args],
+                           f"HOME={user.home}", "LIBVIRT_AUTOSTART=0", "virsh", "-c",
+                           "qemu:///session", *args],
                           capture_output=True, text=True, timeout=60, check=False)
     return done.stdout + done.stderr
 
