@@ -135,6 +135,39 @@ def test_a_local_batch_job_runs_its_script_and_returns_its_status(carol: LocalUs
     assert refused.stderr.count("\n") == 1
 
 
+
+def test_cancel_stops_a_local_batch_job_and_leaves_nothing(carol: LocalUser) -> None:
+    script = carol.home / "long.sh"
+    script.write_text("#!/bin/sh\n#VCLUSTER tiny:1\n"
+                      "echo \"vm0 says: $(vcluster exec vm0 -- echo hello)\"\nsleep 600\n")
+    os.chown(script, carol.uid, -1)
+    submitted = carol.run("batch", "long.sh")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job = submitted.stdout.split("Submitted batch job ")[1].split()[0]
+    output = carol.home / f"vcluster-{job}.out"
+    deadline = time.monotonic() + 120
+    while "vm0 says: hello" not in (output.read_text() if output.exists() else ""):
+        assert time.monotonic() < deadline, output.read_text() if output.exists() else ""
+        time.sleep(0.2)
+    assert len(qemus(carol.uid)) == 1
+    refused = carol.run("cancel", job, "999")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (f"vcluster: error: 999: no running local job of yours has that "
+                              f"id (yours: {job}; vcluster ps lists them)\n")
+    assert len(qemus(carol.uid)) == 1  # a wrong id in the list: nothing was signalled
+    done = carol.run("cancel", job)
+    assert done.returncode == 0, done.stderr
+    assert f"job {job}: stopping (SIGTERM to its launcher, pid" in done.stderr
+    assert done.stderr.endswith(f"vcluster: job {job}: cancelled\n"), done.stderr
+    assert qemus(carol.uid) == []
+    assert leftovers(carol) == []  # the script's sleep too: it was the job's
+    assert f"job {job}: stopped" in output.read_text()  # its launcher's own end
+    again = carol.run("cancel", job)
+    assert again.returncode == 2 and "no running local job of yours" in again.stderr
+    assert carol.run("cancel", "x1").stderr.endswith(
+        "Invalid value for 'JOBID...': 'x1' is not a job id (a number, as vcluster ps lists "
+        "them)\n")
+
 DATA_MARK = "vcluster-local-save"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from vcluster.agent.local import LocalQueries, descends_from
+from vcluster.config.batch import BatchConfig, Directories
 from vcluster.errors import InputError
 from vcluster.hostpaths import HostLayout
 from vcluster.launch.batchargs import read_request
 from vcluster.local import registry
 from vcluster.local.batch import local_sbatch, output_path
 from vcluster.local.reconcile import stragglers
+from vcluster.local.stop import StillStopping, cancel
 from vcluster.run import start_time
 from vcluster.store import MemoryStore
 from vcluster.store.keys import Keys
@@ -135,3 +138,70 @@ def test_a_held_runner_ends_at_once_when_its_launcher_never_says_go(tmp_path: Pa
 
         with SqliteStore(database) as store:
             assert store.get_prefix("/").values() == {}
+
+
+def _launcher(tmp_path: Path, store: MemoryStore, job: str,
+              *code: str) -> tuple[subprocess.Popen[str], registry.LocalJob]:
+    """A process standing in for job ``job``'s launcher (``code`` runs before it says it is
+    ready, then it sleeps), recorded as the launcher of that job."""
+    layout = HostLayout(state=tmp_path / "state", run=tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-c", "\n".join(
+        ["import signal, sys, time", *code, "print('ready', flush=True)", "time.sleep(60)"])],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    started = start_time(proc.pid)
+    assert started is not None
+    record = registry.LocalJob(job, "alice", os.getuid(), proc.pid, started, "job.sh", True,
+                               layout.run, layout.state)
+    (layout.state / "local").mkdir(parents=True, exist_ok=True)
+    registry.Registry(store, KEYS, layout).record(record)
+    return proc, record
+
+
+def _local(tmp_path: Path) -> BatchConfig:
+    return BatchConfig(backend="local", embedded=True,
+                       directories=Directories(state=tmp_path / "state", run=tmp_path / "run"))
+
+
+def test_cancel_is_sigterm_to_the_launcher_and_a_wait_until_it_is_gone(tmp_path: Path) -> None:
+    said: list[str] = []
+    with MemoryStore() as store:
+        proc, record = _launcher(tmp_path, store, "3")
+        try:
+            cancel(store, _local(tmp_path), ["3"], timeout=30, say=said.append)
+            assert proc.wait(5) == -signal.SIGTERM  # ended before cancel returned
+        finally:
+            proc.kill()
+            proc.wait()
+        assert said == [f"job 3: stopping (SIGTERM to its launcher, pid {record.pid})",
+                        "job 3: cancelled"]
+        # the stand-in forgot nothing itself: what it left is released, as reconcile does
+        assert registry.Registry(store, KEYS, _local(tmp_path).directories.layout).jobs() == []
+
+
+def test_cancel_of_an_id_not_running_signals_nothing(tmp_path: Path) -> None:
+    with MemoryStore() as store:
+        proc, _record = _launcher(tmp_path, store, "4")
+        try:
+            with pytest.raises(InputError, match=r"^9: no running local job of yours has that "
+                               r"id \(yours: 4; vcluster ps lists them\)$"):
+                cancel(store, _local(tmp_path), ["4", "9"], timeout=30, say=print)
+            assert proc.poll() is None  # job 4 was not touched
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_launcher_still_stopping_after_the_timeout_is_said_and_left_alone(
+        tmp_path: Path) -> None:
+    with MemoryStore() as store:
+        proc, record = _launcher(tmp_path, store, "5",
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)")
+        try:
+            with pytest.raises(StillStopping, match=rf"^job 5 \(pid {record.pid}\): still "
+                               r"stopping after 0.3 s; it goes on"):
+                cancel(store, _local(tmp_path), ["5"], timeout=0.3, say=print)
+            assert proc.poll() is None
+        finally:
+            proc.kill()
+            proc.wait()

@@ -21,6 +21,7 @@ from vcluster.errors import VclusterError
 COMMANDS: dict[str, str] = {
     "alloc": "vcluster.cli.alloc:alloc",
     "batch": "vcluster.cli.batch:batch",
+    "cancel": "vcluster.cli.cancel:cancel",
     "check": "vcluster.cli.template:check",
     "cluster": "vcluster.cli.cluster:cluster",
     "console": "vcluster.cli.console:console",
