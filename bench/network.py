@@ -28,6 +28,13 @@ with both its paths, and the report says how many of them were over the
 limit.  Medians are over the kept rounds.  Latency is measured after the
 throughput rounds: three series of pings per path, alternating.
 
+A throughput run that fails (iperf3 exits non-zero: on a CI run the server's
+control connection once closed mid-run) is reported with what the server's
+guest says (is its iperf3 still running, the end of its kernel log), its
+server is started again and the round is measured again, whole.  More than
+``MAX_FAILED_RUNS`` failures end the bench: a path that keeps failing is a
+fault, not noise.
+
     python3 bench/network.py [--rounds 5] [--seconds 5] [--max-foreign 0.2] [--images DIR]
 """
 
@@ -132,10 +139,20 @@ def measured(meter: CpuMeter, client: GuestShell, server: GuestShell,
     return mbit, foreign / (time.monotonic() - start)
 
 
+class RunFailed(Exception):
+    """An iperf3 run that exited non-zero: its exit status and output."""
+
+
+MAX_FAILED_RUNS = 2
+
+
 def throughput(client: GuestShell, server: GuestShell, seconds: int) -> float:
     """Mbit/s of a TCP stream from ``client`` to ``server`` (iperf3, the sender's figure)."""
-    out = client.check(f"iperf3 -c {address(server)} -t {seconds} -f m",
-                       timeout=seconds + 60)
+    result = client.run(f"iperf3 -c {address(server)} -t {seconds} -f m",
+                        timeout=seconds + 60)
+    if result.status != 0:
+        raise RunFailed(str(result))
+    out = result.output
     sender = [line for line in out.splitlines() if line.rstrip().endswith("sender")]
     found = re.search(r"([0-9.]+) Mbits/sec", sender[-1]) if sender else None
     if found is None:
@@ -163,7 +180,7 @@ def bench(box: SandboxState, rounds: int, seconds: int, max_foreign: float) -> N
         a, b = pair
         (c,) = lone
         for server in (b, c):
-            server.check("iperf3 -s -D")
+            start_server(server)
             a.check(f"for _ in $(seq 30); do ping -c 1 -W 1 {address(server)} "
                     ">/dev/null && break; done; ping -c 1 -W 2 " + address(server))
         print(f"bench network: job {job}: {a.name} -> {b.name} (same host), "
@@ -176,6 +193,19 @@ def bench(box: SandboxState, rounds: int, seconds: int, max_foreign: float) -> N
             shell.close()
 
 
+def start_server(server: GuestShell) -> None:
+    """A fresh ``iperf3 -s -D`` on ``server`` (any earlier one stopped first)."""
+    server.check("kill -9 $(pidof iperf3) 2>/dev/null; "
+                 "while pidof iperf3 >/dev/null; do sleep 1; done; iperf3 -s -D")
+
+
+def after_failure(server: GuestShell) -> str:
+    """What ``server``'s guest says after a failed run (one line each), its server restarted."""
+    state = server.run("pidof iperf3 || echo 'no iperf3 running'; dmesg | tail -n 5").output
+    start_server(server)
+    return "; ".join(line.strip() for line in state.splitlines() if line.strip())
+
+
 Figures = dict[str, list[float]]  # "mbit": one value per kept round; "ms": per ping series
 LATENCY_SERIES = 3
 
@@ -185,10 +215,28 @@ def measure_rounds(client: GuestShell, servers: dict[str, GuestShell], rounds: i
     """Alternating rounds of both paths (see the module docstring): same's, across's figures."""
     meter = CpuMeter([client, *servers.values()])
     measured_rounds: list[tuple[float, dict[str, float]]] = []  # (foreign load, Mbit/s by path)
+    failed = 0
     while (sum(load <= max_foreign for load, _ in measured_rounds) < rounds
            and len(measured_rounds) < 2 * rounds):
         order = list(servers) if len(measured_rounds) % 2 == 0 else list(servers)[::-1]
-        runs = {name: measured(meter, client, servers[name], seconds) for name in order}
+        runs: dict[str, tuple[float, float]] = {}
+        try:
+            for name in order:
+                runs[name] = measured(meter, client, servers[name], seconds)
+        except RunFailed as error:
+            failed += 1
+            said = str(error).replace("\n", " | ")
+            print(f"bench network: round {len(measured_rounds) + 1}: the {name} run failed "
+                  f"(failure {failed}; at most {MAX_FAILED_RUNS} are measured again): "
+                  f"{said[-300:]}", flush=True)
+            print(f"bench network: {servers[name].name} after it: "
+                  f"{after_failure(servers[name])}", flush=True)
+            if failed > MAX_FAILED_RUNS:
+                fail(f"{failed} iperf3 runs failed; the last, {client.name} -> "
+                     f"{servers[name].name}: {said[-300:]}")
+            print(f"bench network: {servers[name].name}'s iperf3 server started again; "
+                  "the round is measured again", flush=True)
+            continue
         load = max(foreign for _mbit, foreign in runs.values())
         measured_rounds.append((load, {name: runs[name][0] for name in servers}))
         print(f"bench network: round {len(measured_rounds)} ({order[0]} first): "
@@ -203,7 +251,8 @@ def measure_rounds(client: GuestShell, servers: dict[str, GuestShell], rounds: i
             out[name]["ms"].append(latency(client, servers[name]))
     disturbed = sum(load > max_foreign for load, _ in kept)
     print(f"bench network: {len(kept)} of {len(measured_rounds)} rounds kept (the least "
-          f"disturbed; {disturbed} of them over {max_foreign:g} CPUs of foreign load)")
+          f"disturbed; {disturbed} of them over {max_foreign:g} CPUs of foreign load); "
+          f"{failed} failed runs measured again")
     return out["same"], out["across"]
 
 
